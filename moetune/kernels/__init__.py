@@ -1,0 +1,1 @@
+"""Triton kernels for the fused MoE layer, each beside its launcher and a torch reference."""

@@ -1,0 +1,240 @@
+"""Config tables in vLLM's format: file naming, schema checks, atomic writes, nearest-M lookup.
+
+A table maps a token count M (before top-k) to the six launch knobs of the fused-MoE kernel.
+vLLM and SGLang load our files unchanged; anything richer lives in a sidecar beside the table.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import re
+import tempfile
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+
+from moetune.errors import TableError
+from moetune.models import DTYPES, MoeShape
+
+log = logging.getLogger("moetune")
+
+KNOBS = ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "GROUP_SIZE_M", "num_warps", "num_stages")
+# The token counts vLLM's tuner covers; ours covers the same so tables line up key for key.
+TOKEN_COUNTS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 256, 512, 1024, 1536, 2048, 3072, 4096)
+SIDECAR_SUFFIX = ".moetune.json"
+CPU_DEVICE_NAME = "CPU_triton_interpreter"
+
+Config = dict[str, int]
+
+_FILE_RE = re.compile(
+    r"^E=(?P<E>\d+),N=(?P<N>\d+),device_name=(?P<device>[^,]+)"
+    r"(?:,dtype=(?P<dtype>[^,]+))?(?:,block_shape=\[(?P<bn>\d+),(?P<bk>\d+)\])?\.json$"
+)
+
+
+def device_name() -> str:
+    """The GPU's name as vLLM writes it in file names (spaces become underscores)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return CPU_DEVICE_NAME
+    return torch.cuda.get_device_name().replace(" ", "_")
+
+
+def table_filename(E: int, N: int, device: str, dtype: str) -> str:
+    """vLLM's rule; N is the per-rank intermediate size. bf16/fp16 carry no dtype part."""
+    suffix = DTYPES[dtype][2]
+    return f"E={E},N={N},device_name={device}" + (f",dtype={suffix}" if suffix else "") + ".json"
+
+
+def parse_table_filename(name: str) -> dict[str, Any] | None:
+    """The parts of a vLLM table file name, or None for any other file."""
+    m = _FILE_RE.match(name)
+    if not m:
+        return None
+    parts: dict[str, Any] = {"E": int(m["E"]), "N": int(m["N"]), "device": m["device"], "dtype": m["dtype"]}
+    if m["bn"]:
+        parts["block_shape"] = [int(m["bn"]), int(m["bk"])]
+    return parts
+
+
+def sidecar_path(table_path: Path) -> Path:
+    return table_path.with_name(table_path.name.removesuffix(".json") + SIDECAR_SUFFIX)
+
+
+def default_config(M: int, E: int) -> Config:
+    """vLLM's long-standing untuned default; Triton's own 4 warps and 3 stages made explicit."""
+    if M <= E:
+        return dict(BLOCK_SIZE_M=16, BLOCK_SIZE_N=32, BLOCK_SIZE_K=64, GROUP_SIZE_M=1, num_warps=4, num_stages=3)
+    return dict(BLOCK_SIZE_M=64, BLOCK_SIZE_N=64, BLOCK_SIZE_K=32, GROUP_SIZE_M=8, num_warps=4, num_stages=3)
+
+
+# ----------------------------------------------------------------------------------------------- schema
+
+
+@functools.cache
+def _schema(name: str) -> dict:
+    return json.loads(resources.files("moetune.schemas").joinpath(name).read_text())
+
+
+def _describe(error: jsonschema.ValidationError) -> str:
+    """Turn a jsonschema error into 'where: what is wrong' a person can act on."""
+    path = list(error.absolute_path)
+    where = f"M={path[0]}" if path and str(path[0]).isdigit() else (f"key {path[0]!r}" if path else "top level")
+    field = f" {path[1]}" if len(path) > 1 else ""
+    v = error.validator
+    if v == "additionalProperties" and not path:
+        bad = sorted(set(error.instance) - {"triton_version"} - {k for k in error.instance if k.isdigit()})
+        key = bad[0] if bad else "?"
+        return f"key {key!r} is not a token count (a positive integer written as a string)"
+    if v == "additionalProperties":
+        extra = sorted(set(error.instance) - set(KNOBS))
+        return f"{where}: unknown knob(s) {extra}; a table holds only {', '.join(KNOBS)} (extras go in the sidecar)"
+    if v == "required":
+        return f"{where}: {error.message.replace('is a required property', 'is missing')}"
+    if v == "enum" and field.strip().startswith("BLOCK_SIZE"):
+        return f"{where}:{field}={error.instance!r} must be a power of two from 16 to 512"
+    if v == "enum" and field.strip() == "num_warps":
+        return f"{where}: num_warps={error.instance!r} must be one of 1, 2, 4, 8, 16"
+    if v in ("type", "minimum", "maximum"):
+        return f"{where}:{field} {error.message}"
+    if v == "minProperties":
+        return "the table is empty; it needs at least one token count"
+    return f"{where}{field}: {error.message}"
+
+
+def _validate(obj: Any, schema_name: str, path: Path) -> None:
+    validator = jsonschema.Draft202012Validator(_schema(schema_name))
+    errors = sorted(validator.iter_errors(obj), key=lambda e: [str(p) for p in e.absolute_path])
+    if errors:
+        raise TableError(f"{path}: {_describe(errors[0])}")
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise TableError(f"{path}: no such file") from None
+    except OSError as e:
+        raise TableError(f"{path}: cannot read ({e.strerror})") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise TableError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+
+
+def load_table(path: str | os.PathLike) -> dict[int, Config]:
+    """Read and check a table; keys become ints, 'triton_version' is dropped (as vLLM does)."""
+    path = Path(path)
+    obj = _read_json(path)
+    if not isinstance(obj, dict):
+        raise TableError(f"{path}: top level must be a JSON object mapping token counts to configs")
+    _validate(obj, "config_table.schema.json", path)
+    return {int(k): dict(v) for k, v in obj.items() if k != "triton_version"}
+
+
+def load_sidecar(table_path: str | os.PathLike) -> dict | None:
+    path = sidecar_path(Path(table_path))
+    if not path.exists():
+        return None
+    obj = _read_json(path)
+    _validate(obj, "sidecar.schema.json", path)
+    return obj
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    """Write, fsync, then rename: a reader sees the old file or the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_table(path: Path, configs: Mapping[int, Config], sidecar: dict | None = None) -> None:
+    """Write a table vLLM can load (only the six knobs per M) and, optionally, its sidecar."""
+    import triton
+
+    obj: dict[str, Any] = {str(m): {k: int(configs[m][k]) for k in KNOBS} for m in sorted(configs)}
+    obj["triton_version"] = triton.__version__
+    _validate(obj, "config_table.schema.json", path)
+    if sidecar is not None:
+        _validate(sidecar, "sidecar.schema.json", sidecar_path(path))
+        atomic_write_json(sidecar_path(path), sidecar)
+    atomic_write_json(path, obj)
+
+
+# ----------------------------------------------------------------------------------------------- lookup
+
+
+def nearest(keys: Iterable[int], M: int) -> int:
+    """vLLM's rule: the closest tuned M; a tie goes to the smaller key."""
+    return min(sorted(keys), key=lambda k: abs(k - M))
+
+
+def packaged_tables_dir() -> Path:
+    return Path(str(resources.files("moetune.tuned_configs")))
+
+
+def search_folders(extra: Iterable[str | os.PathLike] = ()) -> list[Path]:
+    """Where tables are looked for, first match wins: given folders, then env vars, then the package."""
+    folders = [Path(p) for p in extra]
+    for var in ("MOETUNE_TUNED_CONFIGS", "VLLM_TUNED_CONFIG_FOLDER"):
+        if os.environ.get(var):
+            folders.append(Path(os.environ[var]))
+    folders.append(packaged_tables_dir())
+    return folders
+
+
+@dataclass
+class ConfigTable:
+    """The configs one MoE layer uses: a tuned table, or vLLM's default when none exists."""
+
+    E: int
+    configs: dict[int, Config]
+    path: Path | None = None
+
+    def pick(self, M: int) -> Config:
+        if not self.configs:
+            return default_config(M, self.E)
+        return self.configs[nearest(self.configs, M)]
+
+    @classmethod
+    def untuned(cls, E: int) -> ConfigTable:
+        return cls(E=E, configs={})
+
+
+_warned: set[str] = set()
+
+
+def find_table(
+    shape: MoeShape, dtype: str, device: str | None = None, folders: Iterable[str | os.PathLike] = ()
+) -> ConfigTable:
+    """Load the table for (E, N, device, dtype); fall back to the default with one warning."""
+    name = table_filename(shape.E, shape.N, device or device_name(), dtype)
+    searched = search_folders(folders)
+    for folder in searched:
+        if (folder / name).is_file():
+            log.info("using tuned MoE configs from %s", folder / name)
+            return ConfigTable(E=shape.E, configs=load_table(folder / name), path=folder / name)
+    if name not in _warned:
+        _warned.add(name)
+        log.warning(
+            "no tuned MoE config table %s in %s; using the default config (run `moetune run` to make one)",
+            name, ", ".join(str(f) for f in searched),
+        )
+    return ConfigTable.untuned(shape.E)
