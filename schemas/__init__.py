@@ -1,0 +1,1 @@
+"""JSON Schemas for config tables and their sidecars."""

@@ -1,0 +1,1 @@
+"""Tuned fused-MoE config tables (vLLM format) shipped with moetune; see README."""
