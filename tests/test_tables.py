@@ -34,12 +34,12 @@ def test_block_shape_names_parse():
     assert tables.parse_table_filename("notes.json") is None
 
 
-@pytest.mark.parametrize("tp,N", [(1, 14336), (2, 7168), (4, 3584), (8, 1792)])
 def test_sidecar_sits_beside_its_table():
     path = tables.sidecar_path(tables.Path("t/E=8,N=7168,device_name=NVIDIA_H200.json"))
     assert path.as_posix() == "t/E=8,N=7168,device_name=NVIDIA_H200.moetune.json"
 
 
+@pytest.mark.parametrize("tp,N", [(1, 14336), (2, 7168), (4, 3584), (8, 1792)])
 def test_tensor_parallel_shards_n_like_vllm(tp, N):
     assert moe_shape(get_model("mixtral-8x7b"), tp).N == N
 
