@@ -1,0 +1,127 @@
+"""`moetune bench`: time the whole MoE layer (routing through the top-k sum) per token count M, with
+the default config and with a table's config, against the roofline floor measured in the same run.
+
+    floor(M) = max(bytes of the experts actually touched / copy bandwidth, FLOPs / matmul peak)
+
+Timings are CUDA-graph replays after warm-up, median of many. Inputs are random, never zeros.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from moetune.errors import MoetuneError
+from moetune.kernels.fused_moe import fused_moe, quantize_fp8_per_expert
+from moetune.kernels.reference import moe_reference, rel_err
+from moetune.models import DTYPES, MoeShape, check_dtype, get_model, moe_shape
+from moetune.tables import TOKEN_COUNTS, ConfigTable, default_config, find_table, load_table
+from moetune.timing import Ceilings, measure_ceilings, on_gpu, time_us
+
+BENCH_TOKEN_COUNTS = (1, 16, 64, 256, 1024, 4096)  # the M values of the issue's target table
+TOLERANCE = {"bf16": 1e-2, "fp16": 1e-2, "fp8": 6e-2}
+
+
+def parse_token_counts(text: str) -> list[int]:
+    problem = f"--batch-sizes {text!r}: give positive integers separated by commas, e.g. 1,16,256"
+    try:
+        counts = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise MoetuneError(problem) from None
+    if not counts or min(counts) < 1:
+        raise MoetuneError(problem)
+    return counts
+
+
+def add_bench_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="mixtral-8x7b", help="model preset (default: mixtral-8x7b)")
+    p.add_argument("--dtype", default="fp8", help="bf16, fp16 or fp8 (default: fp8)")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree: shards N as vLLM does")
+    p.add_argument("--table", type=Path, help="config table to time (default: the one found for this GPU)")
+    counts = ",".join(map(str, BENCH_TOKEN_COUNTS))
+    p.add_argument("--batch-sizes", default=counts, help=f"token counts M (default: {counts}; 'all' for all 18)")
+    p.add_argument("--csv", type=Path, help="where to write the rows (default: runs/bench/<model>-<dtype>-tp<N>.csv)")
+    p.add_argument("--reps", type=int, default=50, help="timed graph replays per config (median reported)")
+
+
+class Layer:
+    """Random weights at realistic scale for one rank's MoE layer, made on the device."""
+
+    def __init__(self, shape: MoeShape, dtype: str, device: str, seed: int = 0):
+        gen = torch.Generator(device=device).manual_seed(seed)
+        self.shape, self.dtype, self.device = shape, dtype, device
+        self.act_dtype, weight_dtype, _ = DTYPES[dtype]
+        E, N, K = shape.E, shape.N, shape.K
+        w13 = torch.randn(E, 2 * N, K, device=device, generator=gen, dtype=self.act_dtype) * K**-0.5
+        w2 = torch.randn(E, K, N, device=device, generator=gen, dtype=self.act_dtype) * N**-0.5
+        if weight_dtype == torch.float8_e4m3fn:
+            (self.w13, s13), (self.w2, s2) = quantize_fp8_per_expert(w13), quantize_fp8_per_expert(w2)
+            self.scales = dict(w13_scale=s13, w2_scale=s2)
+        else:
+            self.w13, self.w2, self.scales = w13, w2, {}
+        self.weight_bytes = self.w13.element_size()
+
+    def inputs(self, M: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        gen = torch.Generator(device=self.device).manual_seed(seed)
+        x = torch.randn(M, self.shape.K, device=self.device, generator=gen).to(self.act_dtype)
+        logits = torch.randn(M, self.shape.E, device=self.device, generator=gen)
+        return x, logits
+
+    def run(self, x: torch.Tensor, logits: torch.Tensor, config: dict) -> torch.Tensor:
+        return fused_moe(x, logits, self.w13, self.w2, self.shape.top_k, config, **self.scales)
+
+    def floor_us(self, logits: torch.Tensor, ceilings: Ceilings) -> float:
+        s = self.shape
+        touched = torch.topk(logits, s.top_k, dim=-1).indices.unique().numel()
+        act_bytes = 2 * logits.shape[0] * s.K * torch.finfo(self.act_dtype).bits // 8  # x in, out
+        weight_bytes = touched * 3 * s.N * s.K * self.weight_bytes
+        flops = 2 * logits.shape[0] * s.top_k * 3 * s.N * s.K
+        return ceilings.floor_us(weight_bytes + act_bytes, flops)
+
+
+def bench_one(layer: Layer, M: int, table: ConfigTable, ceilings: Ceilings, reps: int) -> dict:
+    """One row: check the table's config against the reference at this M, then time both configs."""
+    x, logits = layer.inputs(M, seed=M)
+    tuned_cfg, default_cfg = table.pick(M), default_config(M, layer.shape.E)
+    ref = moe_reference(x, logits, layer.w13, layer.w2, layer.shape.top_k, **layer.scales)
+    err = rel_err(layer.run(x, logits, tuned_cfg), ref)
+    if err > TOLERANCE[layer.dtype]:
+        raise MoetuneError(f"M={M}: config {tuned_cfg} is wrong here (rel err {err:.3g}); fix the table entry")
+    default_us = time_us(lambda: layer.run(x, logits, default_cfg), reps=reps)
+    tuned_us = time_us(lambda: layer.run(x, logits, tuned_cfg), reps=reps) if table.path else default_us
+    floor = layer.floor_us(logits, ceilings)
+    return dict(
+        M=M, default_us=default_us, table_us=tuned_us, speedup=default_us / tuned_us, floor_us=floor,
+        frac_of_floor=floor / tuned_us, rel_err=err, config="/".join(str(tuned_cfg[k]) for k in tuned_cfg),
+    )  # fmt: skip
+
+
+def bench_main(args: argparse.Namespace) -> int:
+    model, dtype = get_model(args.model), check_dtype(args.dtype)
+    shape = moe_shape(model, args.tp)
+    counts = list(TOKEN_COUNTS) if args.batch_sizes == "all" else parse_token_counts(args.batch_sizes)
+    if not on_gpu() and model.name != "tiny":
+        raise MoetuneError("no CUDA GPU found: `moetune bench` times kernels on a GPU; --model tiny runs on a CPU")
+    table = ConfigTable(shape.E, load_table(args.table), args.table) if args.table else find_table(shape, dtype)
+    device = "cuda" if on_gpu() else "cpu"
+    layer = Layer(shape, dtype, device)
+    ceilings = measure_ceilings(dtype) if on_gpu() else Ceilings(bandwidth=3.0e12, matmul_flops=1.0e15)
+    print(f"{model.name} {dtype} tp={args.tp}: E={shape.E} N={shape.N} K={shape.K} top_k={shape.top_k}")
+    print(f"table: {table.path or 'none found (tuned column = default)'}")
+    if on_gpu():
+        print(f"device: {torch.cuda.get_device_name()}; measured {ceilings.bandwidth / 1e12:.2f} TB/s copy, "
+              f"{ceilings.matmul_flops / 1e12:.0f} TFLOP/s {dtype} matmul")  # fmt: skip
+    else:
+        print("CPU (Triton interpreter): timings and floors are meaningless; this only proves the pipeline runs")
+
+    df = pd.DataFrame([bench_one(layer, M, table, ceilings, args.reps) for M in counts])
+    print(df.to_string(index=False, float_format=lambda v: f"{v:.3g}" if abs(v) < 1 else f"{v:.1f}"))
+    out = args.csv or Path("runs/bench") / f"{model.name}-{dtype}-tp{args.tp}.csv"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    df.assign(device=torch.cuda.get_device_name() if on_gpu() else "cpu-interpreter",
+              torch=torch.__version__).to_csv(out, index=False)  # fmt: skip
+    print(f"wrote {out}")
+    return 0
