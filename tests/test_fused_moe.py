@@ -12,6 +12,8 @@ from moetune.kernels.routing import route_and_align
 from moetune.tables import default_config
 
 TOL = {"fp16": 1e-2, "bf16": 1e-2, "fp8": 6e-2}
+# On a GPU machine the same tests check the compiled kernels; here they run through the interpreter.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def poisoned_alloc(shape, dtype, device):
@@ -35,6 +37,7 @@ def make_layer(T, E, N, K, dtype, seed, dead_experts=()):
     logits[:, list(dead_experts)] = -1e4  # these experts receive no token
     w13 = torch.randn(E, 2 * N, K, generator=g) / K**0.5
     w2 = torch.randn(E, K, N, generator=g) / N**0.5
+    x, logits, w13, w2 = (t.to(DEVICE) for t in (x, logits, w13, w2))
     if dtype == "fp8":
         (w13, s13), (w2, s2) = fm.quantize_fp8_per_expert(w13), fm.quantize_fp8_per_expert(w2)
         return x, logits, w13, w2, dict(w13_scale=s13, w2_scale=s2)
@@ -96,7 +99,7 @@ def test_zero_tokens_returns_empty():
 @pytest.mark.parametrize("bm", [16, 64])
 @pytest.mark.parametrize("T,E,top_k", [(1, 8, 2), (37, 8, 2), (300, 4, 1), (5, 16, 3)])
 def test_alignment_groups_every_slot_once_by_expert(T, E, top_k, bm):
-    logits = torch.randn(T, E)
+    logits = torch.randn(T, E, device=DEVICE)
     weights, ids, sorted_ids, expert_ids, num_padded = route_and_align(logits, top_k, bm, alloc=poisoned_alloc)
     ref_w, ref_ids = torch.topk(torch.softmax(logits, -1), top_k)
     assert torch.equal(ids.long(), ref_ids)
@@ -140,7 +143,7 @@ def test_fp8_without_scales_is_rejected():
 
 
 def test_fp8_weight_quantisation_round_trips_within_e4m3_precision():
-    w = torch.randn(4, 64, 32) * torch.tensor([0.01, 1.0, 30.0, 500.0]).view(4, 1, 1)
+    w = torch.randn(4, 64, 32, device=DEVICE) * torch.tensor([0.01, 1.0, 30.0, 500.0], device=DEVICE).view(4, 1, 1)
     wq, scale = fm.quantize_fp8_per_expert(w)
     assert wq.dtype == torch.float8_e4m3fn and scale.shape == (4,)
     assert rel_err(wq.float() * scale.view(4, 1, 1), w) < 0.04
