@@ -1,0 +1,36 @@
+"""The wheel carries every committed table, sidecar and schema, where the runtime looks for them."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def wheel_files(tmp_path_factory) -> set[str]:
+    out = tmp_path_factory.mktemp("wheel")
+    cmd = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(out), str(ROOT)]
+    subprocess.run(cmd, check=True, capture_output=True)
+    (wheel,) = out.glob("moetune-*.whl")
+    return set(zipfile.ZipFile(wheel).namelist())
+
+
+def test_wheel_ships_every_committed_table_and_sidecar(wheel_files):
+    committed = {f"moetune/tuned_configs/{p.name}" for p in (ROOT / "tuned_configs").glob("*.json")}
+    assert committed <= wheel_files
+
+
+def test_wheel_ships_the_schemas(wheel_files):
+    assert {"moetune/schemas/config_table.schema.json", "moetune/schemas/sidecar.schema.json"} <= wheel_files
+
+
+def test_installed_package_finds_its_tables_folder():
+    from moetune.tables import packaged_tables_dir
+
+    assert (packaged_tables_dir() / "__init__.py").exists()
