@@ -18,7 +18,7 @@ from moetune.errors import MoetuneError
 from moetune.kernels.fused_moe import fused_moe, quantize_fp8_per_expert
 from moetune.kernels.reference import moe_reference, rel_err
 from moetune.models import DTYPES, MoeShape, check_dtype, get_model, moe_shape
-from moetune.tables import TOKEN_COUNTS, ConfigTable, default_config, find_table, load_table
+from moetune.tables import TOKEN_COUNTS, ConfigTable, default_config, find_table
 from moetune.timing import Ceilings, measure_ceilings, on_gpu, time_us
 
 BENCH_TOKEN_COUNTS = (1, 16, 64, 256, 1024, 4096)  # the M values of the target table
@@ -105,7 +105,7 @@ def bench_main(args: argparse.Namespace) -> int:
     counts = list(TOKEN_COUNTS) if args.batch_sizes == "all" else parse_token_counts(args.batch_sizes)
     if not on_gpu() and model.name != "tiny":
         raise MoetuneError("no CUDA GPU found: `moetune bench` times kernels on a GPU; --model tiny runs on a CPU")
-    table = ConfigTable(shape.E, load_table(args.table), args.table) if args.table else find_table(shape, dtype)
+    table = ConfigTable.load(args.table, shape.E) if args.table else find_table(shape, dtype)
     device = "cuda" if on_gpu() else "cpu"
     layer = Layer(shape, dtype, device)
     ceilings = measure_ceilings(dtype) if on_gpu() else Ceilings(bandwidth=3.0e12, matmul_flops=1.0e15)

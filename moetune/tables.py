@@ -13,7 +13,7 @@ import os
 import re
 import tempfile
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -202,16 +202,29 @@ def search_folders(extra: Iterable[str | os.PathLike] = ()) -> list[Path]:
 
 @dataclass
 class ConfigTable:
-    """The configs one MoE layer uses: a tuned table, or vLLM's default when none exists."""
+    """The configs one MoE layer uses: a tuned table, or vLLM's default when none exists.
+
+    `ours` holds, per M, a sidecar config with knobs vLLM lacks (e.g. {"kernel": "gemv"}); our
+    kernel runs it, while the table keeps a six-knob config for vLLM and SGLang at that M.
+    """
 
     E: int
     configs: dict[int, Config]
     path: Path | None = None
+    ours: dict[int, dict[str, Any]] = field(default_factory=dict)
 
-    def pick(self, M: int) -> Config:
+    def pick(self, M: int) -> dict[str, Any]:
         if not self.configs:
             return default_config(M, self.E)
-        return self.configs[nearest(self.configs, M)]
+        m = nearest(self.configs, M)
+        return self.ours.get(m, self.configs[m])
+
+    @classmethod
+    def load(cls, path: Path, E: int) -> ConfigTable:
+        """A table file plus the extra-knob configs of its sidecar, if it has one."""
+        sidecar = load_sidecar(path) or {"entries": {}}
+        ours = {int(m): e["config"] for m, e in sidecar["entries"].items() if set(e["config"]) - set(KNOBS)}
+        return cls(E=E, configs=load_table(path), path=path, ours=ours)
 
     @classmethod
     def untuned(cls, E: int) -> ConfigTable:
@@ -230,7 +243,7 @@ def find_table(
     for folder in searched:
         if (folder / name).is_file():
             log.info("using tuned MoE configs from %s", folder / name)
-            return ConfigTable(E=shape.E, configs=load_table(folder / name), path=folder / name)
+            return ConfigTable.load(folder / name, shape.E)
     if name not in _warned:
         _warned.add(name)
         log.warning(

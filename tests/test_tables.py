@@ -76,6 +76,22 @@ def test_find_table_uses_the_folder_given(tmp_path, caplog):
     assert table.pick(1) == GOOD and table.pick(5000) == GOOD
 
 
+def test_sidecar_configs_with_extra_knobs_are_what_our_kernel_runs(tmp_path):
+    path = tmp_path / tables.table_filename(8, 7168, "NVIDIA_H200", "bf16")
+    gemv = {**GOOD, "kernel": "gemv"}
+    sidecar = {
+        "table": path.name, "device": "NVIDIA_H200", "dtype": "bf16",
+        "shape": {"E": 8, "N": 7168, "K": 4096, "top_k": 2},
+        "versions": {"torch": "2.11", "triton": "3.6", "moetune": "0.1.0"},
+        "entries": {"1": {"config": gemv}, "64": {"config": GOOD}},
+    }
+    tables.save_table(path, {1: GOOD, 64: {**GOOD, "BLOCK_SIZE_M": 64}}, sidecar)
+    assert "kernel" not in json.loads(path.read_text())["1"], "vLLM's file keeps six knobs"
+    table = tables.find_table(moe_shape(get_model("mixtral-8x7b"), 2), "bf16", "NVIDIA_H200", [tmp_path])
+    assert table.pick(2) == gemv
+    assert table.pick(100)["BLOCK_SIZE_M"] == 64, "without extra knobs the table's own config is used"
+
+
 def test_unknown_gpu_falls_back_to_default_with_one_warning(tmp_path, caplog):
     shape = moe_shape(get_model("mixtral-8x7b"), 1)
     with caplog.at_level(logging.WARNING, logger="moetune"):

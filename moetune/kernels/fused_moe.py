@@ -14,7 +14,6 @@ Nothing here reads a device value on the host, so the layer can be captured in a
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 
 import torch
@@ -23,6 +22,8 @@ import triton.language as tl
 from torch import Tensor
 
 from moetune.errors import MoetuneError
+from moetune.kernels.interp import downcast, interpreting
+from moetune.kernels.moe_gemv import fused_moe_gemv
 from moetune.kernels.routing import route_and_align
 from moetune.tables import default_config
 
@@ -31,23 +32,6 @@ FP8 = torch.float8_e4m3fn
 
 # Tests swap this for an allocator that fills buffers with garbage, to prove nothing unwritten is read.
 alloc = torch.empty
-
-
-@triton.jit
-def _downcast(x, dtype: tl.constexpr, INTERPRETED: tl.constexpr):
-    """fp32 -> dtype, round to nearest even. The GPU's cvt does exactly this. Triton 3.9's CPU
-    interpreter truncates to bf16 and drops the exponent carry in fp8 (7.9 -> 4.0), so there we
-    round in fp32 first and the final cast is exact. Seen and checked against torch's casts."""
-    if INTERPRETED:
-        if dtype == tl.bfloat16:
-            bits = x.to(tl.uint32, bitcast=True)
-            x = ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
-        elif dtype == tl.float8e4nv:
-            bits = x.to(tl.uint32, bitcast=True)
-            normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & 0xFFF00000).to(tl.float32, bitcast=True)
-            sub = ((tl.abs(x) * 512.0 + 8388608.0) - 8388608.0) / 512.0  # subnormal grid is 2^-9
-            x = tl.where(tl.abs(x) >= 0.015625, normal, tl.where(x < 0, -sub, sub))
-    return x.to(dtype)
 
 
 
@@ -112,7 +96,7 @@ def _moe_gemm_kernel(
     if MUL_ROUTED_WEIGHT:
         acc = acc * tl.load(topk_weights_ptr + slots, mask=slot_ok, other=0.0)[:, None]
     c_ptrs = c_ptr + slots[:, None] * stride_cm + offs_n[None, :] * stride_cn
-    tl.store(c_ptrs, _downcast(acc, c_ptr.dtype.element_ty, INTERPRETED), mask=slot_ok[:, None] & (offs_n[None, :] < N))
+    tl.store(c_ptrs, downcast(acc, c_ptr.dtype.element_ty, INTERPRETED), mask=slot_ok[:, None] & (offs_n[None, :] < N))
 
 
 @triton.jit
@@ -143,7 +127,7 @@ def _silu_mul_kernel(
         act = gate * tl.sigmoid(gate) * up
         if QUANT_FP8:
             act = tl.clamp(act / scale, -448.0, 448.0)
-        act = _downcast(act, out_ptr.dtype.element_ty, INTERPRETED)
+        act = downcast(act, out_ptr.dtype.element_ty, INTERPRETED)
         tl.store(out_ptr + row * stride_out + offs, act, mask=offs < N)
 
 
@@ -162,7 +146,7 @@ def _quant_fp8_kernel(x_ptr, out_ptr, amax_ptr, scale_ptr, numel, BLOCK: tl.cons
         tl.store(scale_ptr, scale)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     x = tl.load(x_ptr + offs, mask=offs < numel, other=0.0).to(tl.float32)
-    q = _downcast(tl.clamp(x / scale, -448.0, 448.0), out_ptr.dtype.element_ty, INTERPRETED)
+    q = downcast(tl.clamp(x / scale, -448.0, 448.0), out_ptr.dtype.element_ty, INTERPRETED)
     tl.store(out_ptr + offs, q, mask=offs < numel)
 
 
@@ -173,7 +157,7 @@ def quantize_fp8_per_tensor(x: Tensor) -> tuple[Tensor, Tensor]:
     amax = torch.zeros(1, dtype=torch.float32, device=x.device)  # atomic_max needs a zero start
     _absmax_kernel[grid](x, amax, x.numel(), BLOCK=block)
     out, scale = alloc(x.shape, dtype=FP8, device=x.device), alloc((1,), dtype=torch.float32, device=x.device)
-    _quant_fp8_kernel[grid](x, out, amax, scale, x.numel(), BLOCK=block, INTERPRETED=_interpreting())
+    _quant_fp8_kernel[grid](x, out, amax, scale, x.numel(), BLOCK=block, INTERPRETED=interpreting())
     return out, scale
 
 
@@ -183,10 +167,6 @@ def quantize_fp8_per_expert(w: Tensor) -> tuple[Tensor, Tensor]:
     scale = amax.clamp_min(1e-12) / FP8_MAX
     wq = (w.float() / scale.view(-1, *([1] * (w.dim() - 1)))).clamp(-FP8_MAX, FP8_MAX).to(FP8)
     return wq, scale
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _moe_gemm(
@@ -207,7 +187,7 @@ def _moe_gemm(
         a_scale.stride(0) if use_fp8 and a_scale.numel() > 1 else 0,  # per-row scale, or per-tensor
         BLOCK_SIZE_M=bm, BLOCK_SIZE_N=bn, BLOCK_SIZE_K=bk, GROUP_SIZE_M=config["GROUP_SIZE_M"],
         A_ROW_DIV=a_row_div, MUL_ROUTED_WEIGHT=mul_routed_weight, USE_FP8=use_fp8,
-        EVEN_K=K % bk == 0, INTERPRETED=_interpreting(),
+        EVEN_K=K % bk == 0, INTERPRETED=interpreting(),
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )  # fmt: skip
 
@@ -253,6 +233,8 @@ def fused_moe(
         return x.new_empty((0, K))
     config = config or default_config(T, E)
     x = x.contiguous()
+    if config.get("kernel") == "gemv":  # an extra knob of ours, kept in the sidecar (moe_gemv.py)
+        return fused_moe_gemv(x, router_logits, w13, w2, top_k, config, w13_scale, w2_scale, alloc, interpreting())
     topk_weights, _, sorted_ids, expert_ids, num_padded = route_and_align(
         router_logits, top_k, config["BLOCK_SIZE_M"], alloc=alloc
     )
@@ -268,7 +250,7 @@ def fused_moe(
     act_scale = alloc((S,), dtype=torch.float32, device=dev) if use_fp8 else None
     _silu_mul_kernel[(S,)](
         h, act, act_scale if use_fp8 else h, N, h.stride(0), act.stride(0),
-        BLOCK_N=min(1024, triton.next_power_of_2(N)), QUANT_FP8=use_fp8, INTERPRETED=_interpreting(),
+        BLOCK_N=min(1024, triton.next_power_of_2(N)), QUANT_FP8=use_fp8, INTERPRETED=interpreting(),
     )  # fmt: skip
 
     y = alloc((S, K), dtype=x.dtype, device=dev)  # [S, K], each slot already weighted

@@ -25,7 +25,7 @@ def _route_align_kernel(
     sorted_ids_ptr, expert_ids_ptr, num_padded_ptr,
     T, E, max_padded, max_blocks,
     TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, E_PAD: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_FILL: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_FILL: tl.constexpr, ALIGN: tl.constexpr,
 ):
     experts = tl.arange(0, E_PAD)
     counts = tl.zeros([E_PAD], dtype=tl.int32)
@@ -55,6 +55,8 @@ def _route_align_kernel(
             counts += tl.sum((chosen & (tokens < T)[:, None]).to(tl.int32), axis=0)
             tl.store(weights_ptr + tokens * TOP_K + k, best / total, mask=tokens < T)
             tl.store(ids_ptr + tokens * TOP_K + k, pick, mask=tokens < T)
+    if not ALIGN:  # the decode GEMV path only needs the routing
+        return
 
     padded = tl.cdiv(counts, BLOCK_M) * BLOCK_M
     ends = tl.cumsum(padded, axis=0)  # [E_PAD]
@@ -93,13 +95,14 @@ def padded_sizes(num_slots: int, num_experts: int, block_m: int) -> tuple[int, i
 
 
 def route_and_align(
-    router_logits: Tensor, top_k: int, block_m: int, alloc=torch.empty
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Returns topk_weights [T, k] fp32, topk_ids [T, k] int32, sorted_ids, expert_ids, num_padded [1]."""
+    router_logits: Tensor, top_k: int, block_m: int, alloc=torch.empty, align: bool = True
+) -> tuple[Tensor, ...]:
+    """Returns topk_weights [T, k] fp32, topk_ids [T, k] int32, then (if align) sorted_ids,
+    expert_ids, num_padded [1]."""
     router_logits = router_logits.contiguous()  # the kernel assumes unit stride over experts
     T, E = router_logits.shape
     dev = router_logits.device
-    max_padded, max_blocks = padded_sizes(T * top_k, E, block_m)
+    max_padded, max_blocks = padded_sizes(T * top_k, E, block_m) if align else (0, 0)
     weights = alloc((T, top_k), dtype=torch.float32, device=dev)
     ids = alloc((T, top_k), dtype=torch.int32, device=dev)
     sorted_ids = alloc((max_padded,), dtype=torch.int32, device=dev)
@@ -111,7 +114,7 @@ def route_and_align(
         sorted_ids, expert_ids, num_padded,
         T, E, max_padded, max_blocks,
         TOP_K=top_k, BLOCK_M=block_m, E_PAD=e_pad,
-        BLOCK_T=max(16, 1024 // e_pad), BLOCK_S=max(16, 2048 // e_pad), BLOCK_FILL=1024,
+        BLOCK_T=max(16, 1024 // e_pad), BLOCK_S=max(16, 2048 // e_pad), BLOCK_FILL=1024, ALIGN=align,
         num_warps=4,
     )  # fmt: skip
-    return weights, ids, sorted_ids, expert_ids, num_padded
+    return (weights, ids, sorted_ids, expert_ids, num_padded) if align else (weights, ids)

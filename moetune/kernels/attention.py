@@ -1,0 +1,218 @@
+"""Paged decode attention: one new query token per sequence against its cached keys and values.
+
+The KV cache is paged as in vLLM: `k_cache[block, slot, kv_head, :]`, and each sequence's block table lists
+the blocks holding its tokens in order. Decode is memory-bound, so the kernel only has to read each
+sequence's used blocks once, at full bandwidth:
+
+* one program per (sequence, KV head, partition of PARTITION_BLOCKS blocks). Its GROUP query heads
+  share every K/V load (GQA), and splitting the context over partitions ("flash-decoding") keeps the GPU
+  busy at batch 1, where sequences x KV heads alone is only 8 programs for Mixtral;
+* scores are `sum(q * k)` over the head dimension in float32 rather than `tl.dot`: a decode tile has only
+  GROUP (4) rows, below tl.dot's minimum of 16, and the elementwise form also runs correctly under
+  Triton's CPU interpreter;
+* each partition writes its running max, softmax denominator and unnormalised output; a second kernel
+  merges the partitions. Grid sizes depend only on tensor shapes, so the pair is CUDA-graph capturable.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+PARTITION_TOKENS = 128  # context tokens one program reads; 16 programs per KV head at 2048 tokens
+
+
+@triton.jit
+def _decode_partition_kernel(
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    block_tables_ptr,
+    context_lens_ptr,
+    m_ptr,
+    l_ptr,
+    acc_ptr,
+    scale,
+    stride_qb,
+    stride_qh,  # q [B, H, D]
+    stride_cb,
+    stride_ct,
+    stride_ch,  # caches [num_blocks, BLOCK_SIZE, Hkv, D]
+    stride_tb,  # block_tables [B, max_blocks]
+    stride_mb,
+    stride_mh,  # m, l [B, H, P]
+    stride_ab,
+    stride_ah,
+    stride_ap,  # acc [B, H, P, D]
+    GROUP: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    PARTITION_BLOCKS: tl.constexpr,
+):
+    b = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    part = tl.program_id(2)
+    ctx = tl.load(context_lens_ptr + b)
+    first = part * PARTITION_BLOCKS
+    last = tl.minimum(first + PARTITION_BLOCKS, tl.cdiv(ctx, BLOCK_SIZE))  # empty range past the context
+
+    g = tl.arange(0, GROUP_PAD)
+    d = tl.arange(0, BLOCK_D)
+    t = tl.arange(0, BLOCK_SIZE)
+    heads = kv_head * GROUP + g
+    gd_mask = (g[:, None] < GROUP) & (d[None, :] < HEAD_DIM)
+    q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :], mask=gd_mask, other=0.0)
+    q = q.to(tl.float32) * scale  # [G, D]
+
+    m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([GROUP_PAD], tl.float32)
+    acc = tl.zeros([GROUP_PAD, BLOCK_D], tl.float32)
+    for i in range(first, last):
+        block = tl.load(block_tables_ptr + b * stride_tb + i).to(tl.int64)
+        t_mask = i * BLOCK_SIZE + t < ctx
+        offs = block * stride_cb + t[:, None] * stride_ct + kv_head * stride_ch + d[None, :]
+        kv_mask = t_mask[:, None] & (d[None, :] < HEAD_DIM)
+        k = tl.load(k_cache_ptr + offs, mask=kv_mask, other=0.0).to(tl.float32)  # [T, D]
+        s = tl.sum(q[:, None, :] * k[None, :, :], axis=2)  # [G, T]
+        s = tl.where(t_mask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: every visited block holds a token
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(s - m_new[:, None])  # [G, T]
+        v = tl.load(v_cache_ptr + offs, mask=kv_mask, other=0.0).to(tl.float32)  # [T, D]
+        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)  # [G, D]
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        m_i = m_new
+
+    g_mask = g < GROUP
+    tl.store(m_ptr + b * stride_mb + heads * stride_mh + part, m_i, mask=g_mask)
+    tl.store(l_ptr + b * stride_mb + heads * stride_mh + part, l_i, mask=g_mask)
+    out = acc_ptr + b * stride_ab + heads[:, None] * stride_ah + part * stride_ap + d[None, :]
+    tl.store(out, acc, mask=gd_mask)
+
+
+@triton.jit
+def _decode_merge_kernel(
+    out_ptr,
+    m_ptr,
+    l_ptr,
+    acc_ptr,
+    context_lens_ptr,
+    stride_ob,
+    stride_oh,
+    stride_mb,
+    stride_mh,
+    stride_ab,
+    stride_ah,
+    stride_ap,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    PARTITION_BLOCKS: tl.constexpr,
+    P_PAD: tl.constexpr,
+):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    ctx = tl.load(context_lens_ptr + b)
+    num_parts = tl.cdiv(tl.cdiv(ctx, BLOCK_SIZE), PARTITION_BLOCKS)
+    p = tl.arange(0, P_PAD)
+    d = tl.arange(0, BLOCK_D)
+    p_mask = p < num_parts
+    m = tl.load(m_ptr + b * stride_mb + h * stride_mh + p, mask=p_mask, other=float("-inf"))
+    total = tl.load(l_ptr + b * stride_mb + h * stride_mh + p, mask=p_mask, other=0.0)
+    acc_offs = acc_ptr + b * stride_ab + h * stride_ah + p[:, None] * stride_ap + d[None, :]
+    acc = tl.load(acc_offs, mask=p_mask[:, None] & (d[None, :] < HEAD_DIM), other=0.0)  # [P, D]
+    m_max = tl.maximum(tl.max(m, axis=0), -1e30)  # an empty sequence (padding row) has no finite max
+    w = tl.exp(m - m_max)  # [P]; 0 for empty partitions
+    denom = tl.maximum(tl.sum(w * total, axis=0), 1e-30)
+    out = tl.sum(w[:, None] * acc, axis=0) / denom  # [D]; zeros for a padding row
+    tl.store(out_ptr + b * stride_ob + h * stride_oh + d, out.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
+
+
+def paged_decode_attention(
+    q: Tensor,  # [B, H, D]
+    k_cache: Tensor,  # [num_blocks, block_size, Hkv, D]
+    v_cache: Tensor,  # [num_blocks, block_size, Hkv, D]
+    block_tables: Tensor,  # [B, max_blocks] int32
+    context_lens: Tensor,  # [B] int32; 0 marks a padding row, whose output is zeros
+    scale: float | None = None,
+) -> Tensor:
+    """Softmax(q K^T * scale) V over each sequence's first context_lens tokens. Returns [B, H, D] q.dtype."""
+    B, H, D = q.shape
+    _, block_size, Hkv, _ = k_cache.shape
+    assert H % Hkv == 0 and k_cache.stride(3) == 1 and q.stride(2) == 1
+    assert block_size & (block_size - 1) == 0, "the KV block size must be a power of two"
+    scale = D**-0.5 if scale is None else scale
+    part_blocks = max(1, PARTITION_TOKENS // block_size)
+    P = triton.cdiv(block_tables.shape[1], part_blocks)  # from shapes only: graph-capturable
+    m = torch.empty(B, H, P, dtype=torch.float32, device=q.device)
+    denom = torch.empty_like(m)
+    acc = torch.empty(B, H, P, D, dtype=torch.float32, device=q.device)
+    group = H // Hkv
+    meta = dict(HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), BLOCK_SIZE=block_size, PARTITION_BLOCKS=part_blocks)
+    _decode_partition_kernel[(B, Hkv, P)](
+        q,
+        k_cache,
+        v_cache,
+        block_tables,
+        context_lens,
+        m,
+        denom,
+        acc,
+        scale,
+        q.stride(0),
+        q.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        block_tables.stride(0),
+        m.stride(0),
+        m.stride(1),
+        acc.stride(0),
+        acc.stride(1),
+        acc.stride(2),
+        GROUP=group,
+        GROUP_PAD=triton.next_power_of_2(group),
+        **meta,
+    )
+    out = torch.empty_like(q)
+    _decode_merge_kernel[(B, H)](
+        out,
+        m,
+        denom,
+        acc,
+        context_lens,
+        out.stride(0),
+        out.stride(1),
+        m.stride(0),
+        m.stride(1),
+        acc.stride(0),
+        acc.stride(1),
+        acc.stride(2),
+        P_PAD=triton.next_power_of_2(P),
+        **meta,
+    )
+    return out
+
+
+def paged_decode_attention_reference(
+    q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, context_lens: Tensor, scale: float | None = None
+) -> Tensor:
+    """The same in plain torch, one sequence at a time, softmax in float32. Returns [B, H, D] q.dtype."""
+    B, H, D = q.shape
+    block_size, Hkv = k_cache.shape[1], k_cache.shape[2]
+    scale = D**-0.5 if scale is None else scale
+    out = torch.zeros_like(q)
+    for b in range(B):
+        ctx = int(context_lens[b])
+        if ctx == 0:
+            continue
+        blocks = block_tables[b, : -(-ctx // block_size)].long()
+        k = k_cache[blocks].flatten(0, 1)[:ctx].float().repeat_interleave(H // Hkv, dim=1)  # [T, H, D]
+        v = v_cache[blocks].flatten(0, 1)[:ctx].float().repeat_interleave(H // Hkv, dim=1)  # [T, H, D]
+        s = torch.einsum("hd,thd->ht", q[b].float(), k) * scale  # [H, T]
+        out[b] = torch.einsum("ht,thd->hd", torch.softmax(s, dim=-1), v).to(q.dtype)
+    return out
