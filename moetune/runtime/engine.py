@@ -1,0 +1,162 @@
+"""LLMEngine: requests in, tokens out. One step = schedule -> run the model -> record the tokens."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from moetune.errors import MoetuneError
+from moetune.models import ModelSpec, moe_shape
+from moetune.runtime.block_manager import BlockManager, blocks_for
+from moetune.runtime.config import EngineConfig, resolve
+from moetune.runtime.layers import TP_SIZE, MoeTables
+from moetune.runtime.model_runner import ModelRunner
+from moetune.runtime.sampling import SamplingParams
+from moetune.runtime.scheduler import Scheduler
+from moetune.runtime.sequence import Sequence, SequenceStatus
+from moetune.runtime.tokenizer import Tokenizer, find_tokenizer_model
+from moetune.tables import CPU_DEVICE_NAME, ConfigTable, find_table
+
+log = logging.getLogger("moetune")
+
+
+@dataclass
+class StepOutput:
+    request_id: int
+    new_token_ids: list[int]
+    finished: bool
+    finish_reason: str | None  # "stop" | "length"
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        self.config: EngineConfig  # a copy with every "auto" resolved (device, dtype, load_format, max_model_len)
+        self.spec: ModelSpec
+        self.config, self.spec = resolve(config)
+        cfg = self.config
+        self.tokenizer = Tokenizer(find_tokenizer_model(cfg.checkpoint))
+        if self.tokenizer.vocab_size > self.spec.vocab_size:
+            raise MoetuneError(
+                f"tokenizer {self.tokenizer.path} has {self.tokenizer.vocab_size} tokens, "
+                f"more than the model's vocabulary of {self.spec.vocab_size}"
+            )
+        # fp32 is a CPU test dtype: it reads the 16-bit table, whose file name carries no dtype
+        table_dtype = "bf16" if cfg.dtype == "fp32" else cfg.dtype
+        tuned = find_table(
+            moe_shape(self.spec, TP_SIZE),
+            table_dtype,
+            device=CPU_DEVICE_NAME if cfg.device == "cpu" else None,
+            folders=[cfg.tuned_configs] if cfg.tuned_configs else [],
+        )
+        self.tables = MoeTables(tuned, ConfigTable.untuned(self.spec.num_experts), cfg.use_tuned_tables)
+        self.runner = ModelRunner(cfg, self.spec, self.tables)
+        block_manager = BlockManager(self.runner.num_kv_blocks, cfg.kvcache_block_size)
+        self.scheduler = Scheduler(cfg.max_num_seqs, cfg.max_num_batched_tokens, block_manager, self.tokenizer.eos_id)
+
+    @property
+    def moe_table_path(self) -> Path | None:
+        """The table file every MoE layer reads now; None = vLLM's untuned default."""
+        return self.tables.active.path
+
+    def use_tuned_tables(self, tuned: bool) -> None:
+        """Switch every MoE layer to the tuned table or the untuned default; re-captures the decode graphs
+        (each bakes in its batch size's config). Weights and the KV cache stay as they are."""
+        self.tables.use_tuned = tuned
+        log.info("MoE configs: %s", self.moe_table_path or "untuned default")
+        if self.runner.use_graphs:
+            self.runner.capture_graphs()
+
+    # ------------------------------------------------------------------------------------------ requests
+
+    def _check(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        params.validate()
+        n, limit = len(prompt_token_ids), self.config.max_model_len
+        if n == 0:
+            raise MoetuneError("the prompt is empty; it needs at least one token (e.g. BOS)")
+        if n + params.max_tokens > limit:
+            raise MoetuneError(
+                f"prompt ({n} tokens) + max_tokens ({params.max_tokens}) exceeds max_model_len ({limit})"
+            )
+        if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= self.spec.vocab_size:
+            raise MoetuneError(f"prompt token ids must be in [0, {self.spec.vocab_size})")
+        if blocks_for(n + params.max_tokens, self.config.kvcache_block_size) > self.runner.num_kv_blocks:
+            raise MoetuneError(
+                f"prompt + max_tokens needs more KV cache than the engine has "
+                f"({self.runner.num_kv_blocks * self.config.kvcache_block_size} tokens)"
+            )
+
+    def add_request(self, prompt_token_ids: list[int], params: SamplingParams) -> int:
+        self._check(prompt_token_ids, params)
+        generator = None
+        if params.seed is not None:
+            generator = torch.Generator(device=self.runner.device).manual_seed(params.seed)
+        seq = Sequence(prompt_token_ids, params, generator)
+        self.scheduler.add(seq)
+        return seq.seq_id
+
+    def abort(self, request_id: int) -> None:
+        self.scheduler.abort(request_id)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def step(self) -> list[StepOutput]:
+        """One prefill or decode step; an output for every request that got a token."""
+        if not self.scheduler.has_unfinished():
+            return []
+        seqs, is_prefill = self.scheduler.schedule()
+        tokens = self.runner.run(seqs, is_prefill)
+        self.scheduler.postprocess(seqs, tokens)
+        return [
+            StepOutput(s.seq_id, [t], s.status == SequenceStatus.FINISHED, s.finish_reason)
+            for s, t in zip(seqs, tokens)
+            if t is not None
+        ]
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[list[int]]:
+        """Run the prompts to completion (together with anything already queued); generated ids per prompt."""
+        params = params if isinstance(params, list) else [params] * len(prompts)
+        if len(params) != len(prompts):
+            raise MoetuneError(f"{len(prompts)} prompts but {len(params)} sampling params")
+        for p, sp in zip(prompts, params):
+            self._check(p, sp)  # all or nothing: no half-added batch on a bad prompt
+        ids = [self.add_request(p, sp) for p, sp in zip(prompts, params)]
+        out: dict[int, list[int]] = {i: [] for i in ids}
+        pending = set(ids)
+        while pending:
+            for o in self.step():
+                if o.request_id in out:
+                    out[o.request_id] += o.new_token_ids
+                    if o.finished:
+                        pending.discard(o.request_id)
+        return [out[i] for i in ids]
+
+    # ------------------------------------------------------------------------------------------ measurement
+
+    def prefill_logits(self, token_ids: list[int]) -> Tensor:
+        """[T, vocab] float32 logits of a fresh sequence, from one prefill; leaves no state behind."""
+        if not 1 <= len(token_ids) <= self.config.max_model_len:
+            raise MoetuneError(f"prefill_logits needs 1 to max_model_len={self.config.max_model_len} tokens")
+        seq = Sequence(token_ids, SamplingParams())
+        bm = self.scheduler.block_manager
+        if not bm.can_grow(seq, len(seq)):
+            raise MoetuneError("prefill_logits: the KV cache is full with running requests; call it when idle")
+        bm.grow(seq, len(seq))
+        seq.num_scheduled_tokens = len(seq)
+        try:
+            return self.runner.prefill_logits(seq)
+        finally:
+            bm.release(seq)
+
+    def decode_step_time_us(self, batch_size: int, context_len: int, steps: int = 20) -> float:
+        """Median µs of one decode step over batch_size sequences at context_len (model forward + greedy pick).
+
+        Built for benchmarks: it replays the same CUDA graph serving uses (eager on CPU / enforce_eager) on
+        dummy sequences, so it measures the model without scheduling, host-side input building or sampling
+        noise. CUDA events on a GPU, wall clock on a CPU. Safe to call while requests are running.
+        """
+        return self.runner.decode_step_time_us(batch_size, context_len, steps)

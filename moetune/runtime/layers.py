@@ -1,0 +1,233 @@
+"""Mixtral's layers as HF defines them: RMSNorm, rotate_half RoPE, GQA attention over a paged KV cache,
+and the sparse MoE block on the fused kernel (or the float32 reference).
+
+Every parameter carries a `weight_loader(param, checkpoint_tensor, shard_id)` that cuts this rank's
+slice out of a full checkpoint tensor (nano-vllm's scheme), so tensor parallelism only needs TP_RANK and
+TP_SIZE set and the two all-reduces below wired to a process group. Single-GPU runs use TP_SIZE = 1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moetune.errors import MoetuneError
+from moetune.kernels.attention import INTERPRETED, paged_decode_attention, paged_decode_attention_reference
+from moetune.kernels.reference import moe_reference
+from moetune.models import ModelSpec
+from moetune.runtime.context import get_context
+from moetune.tables import ConfigTable
+
+TP_RANK, TP_SIZE = 0, 1
+
+
+def shard(t: Tensor, dim: int) -> Tensor:
+    """This rank's contiguous slice of a full checkpoint tensor along dim."""
+    size = t.shape[dim] // TP_SIZE
+    return t.narrow(dim, TP_RANK * size, size)
+
+
+def all_reduce(x: Tensor) -> Tensor:
+    if TP_SIZE > 1:
+        torch.distributed.all_reduce(x)
+    return x
+
+
+def default_loader(param: nn.Parameter, loaded: Tensor, shard_id: object = None) -> None:
+    param.data.copy_(loaded)
+
+
+def new_param(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, loader: Callable = default_loader):
+    param = nn.Parameter(torch.empty(shape, dtype=dtype, device=device), requires_grad=False)
+    param.weight_loader = loader
+    return param
+
+
+def quantize_fp8(w: Tensor) -> tuple[Tensor, Tensor]:
+    """One expert's weight to e4m3 with one float32 scale (amax / 448): the kernel's per-expert layout."""
+    from moetune.kernels.fused_moe import quantize_fp8_per_expert
+
+    wq, scale = quantize_fp8_per_expert(w[None])
+    return wq[0], scale[0]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float, dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        self.eps = eps
+        self.weight = new_param((size,), dtype, device)
+
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
+        """Normalise x (after adding residual, which then becomes x itself). Float32 inside, as HF."""
+        if residual is not None:
+            x = residual = x + residual
+        var = x.float().pow(2).mean(-1, keepdim=True)  # [T, 1]
+        out = self.weight * (x.float() * torch.rsqrt(var + self.eps)).to(x.dtype)
+        return out if residual is None else (out, residual)
+
+
+class RotaryEmbedding(nn.Module):
+    """HF's rotate_half convention: the two halves of each head are the (real, imaginary) pairs."""
+
+    def __init__(self, head_dim: int, max_positions: int, theta: float, device: torch.device):
+        super().__init__()
+        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
+        freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32, device=device), inv_freq)  # [P, D/2]
+        self.register_buffer("cos", freqs.cos(), persistent=False)
+        self.register_buffer("sin", freqs.sin(), persistent=False)
+
+    def forward(self, positions: Tensor, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+        cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]  # [T, 1, D/2]
+
+        def rotate(x: Tensor) -> Tensor:  # [T, heads, D]
+            x1, x2 = x.float().chunk(2, dim=-1)
+            return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+
+        return rotate(q), rotate(k)
+
+
+def _decode_kernel(device: torch.device) -> Callable[..., Tensor]:
+    """The Triton kernel on a GPU or under Triton's interpreter; the torch reference on a plain CPU."""
+    return paged_decode_attention if device.type == "cuda" or INTERPRETED else paged_decode_attention_reference
+
+
+class Attention(nn.Module):
+    def __init__(self, spec: ModelSpec, rotary: RotaryEmbedding, dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        self.num_heads, self.num_kv_heads = spec.num_heads // TP_SIZE, spec.num_kv_heads // TP_SIZE
+        self.head_dim = D = spec.head_dim
+        self.q_size, self.kv_size = self.num_heads * D, self.num_kv_heads * D
+        self.qkv_proj = new_param((self.q_size + 2 * self.kv_size, spec.hidden_size), dtype, device, self._load_qkv)
+        self.o_proj = new_param((spec.hidden_size, self.q_size), dtype, device, self._load_o)
+        self.rotary = rotary
+        self.k_cache: Tensor | None = None  # [num_blocks, block_size, Hkv, D], set by the model runner
+        self.v_cache: Tensor | None = None
+        self.decode_attention = _decode_kernel(torch.device(device))
+
+    def _load_qkv(self, param: nn.Parameter, loaded: Tensor, shard_id: str) -> None:
+        offset = {"q": 0, "k": self.q_size, "v": self.q_size + self.kv_size}[shard_id]
+        size = self.q_size if shard_id == "q" else self.kv_size
+        param.data.narrow(0, offset, size).copy_(shard(loaded, 0))
+
+    def _load_o(self, param: nn.Parameter, loaded: Tensor, shard_id: None) -> None:
+        param.data.copy_(shard(loaded, 1))  # row-parallel: each rank holds the columns of its heads
+
+    def forward(self, positions: Tensor, x: Tensor) -> Tensor:
+        T, D = x.shape[0], self.head_dim
+        q, k, v = F.linear(x, self.qkv_proj).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q, k = self.rotary(positions, q.view(T, self.num_heads, D), k.view(T, self.num_kv_heads, D))  # [T, H(kv), D]
+        v = v.view(T, self.num_kv_heads, D)
+        ctx = get_context()
+        if self.k_cache is not None:  # None only while the runner profiles memory before allocating it
+            self.k_cache.view(-1, self.num_kv_heads, D).index_copy_(0, ctx.slot_mapping, k)
+            self.v_cache.view(-1, self.num_kv_heads, D).index_copy_(0, ctx.slot_mapping, v)
+        if ctx.is_prefill:
+            o = self._prefill(q, k, v)
+        else:
+            o = self.decode_attention(q, self.k_cache, self.v_cache, ctx.block_tables, ctx.context_lens)
+        return all_reduce(F.linear(o.reshape(T, self.q_size), self.o_proj))
+
+    def _prefill(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """Causal SDPA per sequence; a later chunk of a chunked prefill also sees its cached tokens."""
+        ctx, group = get_context(), self.num_heads // self.num_kv_heads
+        out = torch.empty_like(q)
+        for i, start in enumerate(ctx.start_positions):
+            a, b = ctx.cu_seqlens_q[i], ctx.cu_seqlens_q[i + 1]
+            if start == 0:
+                ks, vs, mask = k[a:b], v[a:b], None  # [t, Hkv, D]
+            else:  # this chunk's K/V are already in the cache, after the earlier ones
+                end = start + b - a
+                blocks = ctx.block_tables[i, : -(-end // self.k_cache.shape[1])].long()
+                ks = self.k_cache[blocks].flatten(0, 1)[:end]  # [end, Hkv, D]
+                vs = self.v_cache[blocks].flatten(0, 1)[:end]
+                query_pos = torch.arange(start, end, device=q.device)
+                mask = torch.arange(end, device=q.device)[None, :] <= query_pos[:, None]  # [t, end]
+            ks, vs = (t.transpose(0, 1).repeat_interleave(group, dim=0)[None] for t in (ks, vs))  # [1, H, S, D]
+            qs = q[a:b].transpose(0, 1)[None]  # [1, H, t, D]
+            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, is_causal=mask is None)
+            out[a:b] = o[0].transpose(0, 1)  # [t, H, D]
+        return out
+
+
+@dataclass
+class MoeTables:
+    """The config tables every MoE layer reads; one shared object, so one switch flips all layers."""
+
+    tuned: ConfigTable
+    untuned: ConfigTable
+    use_tuned: bool = True
+
+    @property
+    def active(self) -> ConfigTable:
+        return self.tuned if self.use_tuned else self.untuned
+
+
+def _fused_moe() -> Callable[..., Tensor]:
+    try:
+        from moetune.kernels.fused_moe import fused_moe
+    except ImportError as e:
+        raise MoetuneError(f"moe_backend 'triton' needs moetune.kernels.fused_moe ({e}); use 'torch'") from None
+    return fused_moe
+
+
+class SparseMoeBlock(nn.Module):
+    """Router softmax in float32 -> top-k -> renormalise -> experts, all inside fused_moe (or the reference)."""
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        act_dtype: torch.dtype,
+        expert_dtype: torch.dtype,
+        device: torch.device,
+        backend: str,
+        tables: MoeTables,
+    ):
+        super().__init__()
+        E, H, self.N = spec.num_experts, spec.hidden_size, spec.intermediate_size // TP_SIZE
+        self.top_k, self.backend, self.tables, self.act_dtype = spec.top_k, backend, tables, act_dtype
+        self.gate = new_param((E, H), act_dtype, device)  # router: replicated on every rank
+        self.w13 = new_param((E, 2 * self.N, H), expert_dtype, device, self._load_expert)  # gate rows, then up
+        self.w2 = new_param((E, H, self.N), expert_dtype, device, self._load_expert)
+        self.fp8 = expert_dtype == torch.float8_e4m3fn
+        self.w13_scale = new_param((E,), torch.float32, device) if self.fp8 else None
+        self.w2_scale = new_param((E,), torch.float32, device) if self.fp8 else None
+        self._staged: dict[int, tuple[Tensor, set[str]]] = {}  # fp8: w1/w3 of an expert until both arrive
+        self.fused_moe = _fused_moe() if backend == "triton" else None
+
+    def _load_expert(self, param: nn.Parameter, loaded: Tensor, shard_id: tuple[str, int]) -> None:
+        which, e = shard_id
+        if which == "w2":
+            w = shard(loaded, 1).to(param.device)  # [H, N]
+            if self.fp8:
+                self.w2.data[e], self.w2_scale.data[e] = quantize_fp8(w)
+            else:
+                self.w2.data[e].copy_(w)
+            return
+        rows = slice(0, self.N) if which == "w1" else slice(self.N, 2 * self.N)
+        w = shard(loaded, 0).to(param.device)  # [N, H]
+        if not self.fp8:
+            self.w13.data[e, rows].copy_(w)
+            return
+        # one scale covers gate and up, so quantise once both are here; stage at most one expert's pair
+        if e not in self._staged:
+            self._staged[e] = (torch.empty(self.w13.shape[1:], dtype=self.act_dtype, device=w.device), set())
+        buf, seen = self._staged[e]
+        buf[rows].copy_(w)
+        seen.add(which)
+        if len(seen) == 2:
+            self.w13.data[e], self.w13_scale.data[e] = quantize_fp8(buf)
+            del self._staged[e]
+
+    def forward(self, x: Tensor) -> Tensor:  # [T, H]
+        router_logits = F.linear(x, self.gate)  # [T, E]
+        if self.backend == "torch":
+            out = moe_reference(x, router_logits, self.w13, self.w2, self.top_k, self.w13_scale, self.w2_scale)
+            out = out.to(x.dtype)
+        else:
+            config = self.tables.active.pick(x.shape[0])  # host-side: a CUDA graph bakes in its batch's config
+            out = self.fused_moe(x, router_logits, self.w13, self.w2, self.top_k, config, self.w13_scale, self.w2_scale)
+        return all_reduce(out)

@@ -1,0 +1,319 @@
+"""Runs the model for a scheduled batch: builds the inputs, owns the paged KV cache and the decode CUDA graphs.
+
+Decode is captured once per batch bucket (1, 2, 4, ..., max_num_seqs) into graphs that share one memory
+pool and read fixed input buffers; a batch replays the next bucket up. Padding rows write their K/V to a
+trash block that no sequence owns and attend to nothing (context length 0), so they cost almost nothing
+and disturb nothing. Each graph bakes in the MoE config its bucket size picks from the active table.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from moetune.errors import MoetuneError
+from moetune.models import ModelSpec
+from moetune.runtime.block_manager import blocks_for
+from moetune.runtime.config import RUNTIME_DTYPES, EngineConfig
+from moetune.runtime.context import Context, reset_context, set_context
+from moetune.runtime.layers import MoeTables
+from moetune.runtime.loader import load_safetensors
+from moetune.runtime.model import MixtralForCausalLM
+from moetune.runtime.sampling import sample
+from moetune.runtime.sequence import Sequence
+
+log = logging.getLogger("moetune")
+
+CPU_KV_CACHE_BYTES = 256 << 20  # a CPU engine is for tests and demos: a small fixed cache
+MAX_GRAPH_BATCH = 512
+
+
+class ModelRunner:
+    def __init__(self, cfg: EngineConfig, spec: ModelSpec, tables: MoeTables):
+        self.cfg, self.spec = cfg, spec
+        self.device = torch.device(cfg.device)
+        self.dtype, expert_dtype = RUNTIME_DTYPES[cfg.dtype]
+        self.block_size = cfg.kvcache_block_size
+        self.max_blocks = blocks_for(cfg.max_model_len, self.block_size)  # block-table width
+        self.model = MixtralForCausalLM(
+            spec, cfg.max_model_len, self.dtype, expert_dtype, self.device, cfg.moe_backend, tables
+        )
+        t0 = time.perf_counter()
+        if cfg.load_format == "dummy":
+            self.model.init_dummy(cfg.seed)
+        else:
+            load_safetensors(self.model, cfg.checkpoint)
+        self._sync()
+        log.info("%s weights (%s, %s) ready in %.1f s", spec.name, cfg.dtype, cfg.load_format, time.perf_counter() - t0)
+        self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
+        self.num_kv_blocks = self._allocate_kv_cache()
+        # the torch MoE backend syncs with the host (it loops over the experts in use), so it runs eagerly
+        self.use_graphs = self.device.type == "cuda" and not cfg.enforce_eager and cfg.moe_backend == "triton"
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        if self.use_graphs:
+            self.capture_graphs()
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _to_device(self, data: list, dtype: torch.dtype) -> Tensor:
+        t = torch.tensor(data, dtype=dtype, pin_memory=self.device.type == "cuda")
+        return t.to(self.device, non_blocking=True)
+
+    # ------------------------------------------------------------------------------------------ KV cache
+
+    @torch.inference_mode()
+    def _allocate_kv_cache(self) -> int:
+        spec, bs = self.spec, self.block_size
+        block_bytes = 2 * spec.num_layers * bs * spec.num_kv_heads * spec.head_dim * self.dtype.itemsize
+        if self.device.type == "cuda":
+            self._profile_prefill()  # the activation peak of the largest prefill must stay free
+            free, total = torch.cuda.mem_get_info(self.device)
+            stats = torch.cuda.memory_stats(self.device)
+            peak_extra = stats["allocated_bytes.all.peak"] - stats["allocated_bytes.all.current"]
+            budget = total * self.cfg.gpu_memory_utilization - (total - free) - peak_extra
+            num_blocks = int(budget // block_bytes)
+        else:
+            fits = CPU_KV_CACHE_BYTES // block_bytes
+            num_blocks = max(self.max_blocks, min(self.cfg.max_num_seqs * self.max_blocks, fits))
+        if num_blocks < self.max_blocks:
+            raise MoetuneError(
+                f"KV cache: room for {max(num_blocks, 0) * bs} tokens after the weights, but one sequence of "
+                f"max_model_len={self.cfg.max_model_len} needs {self.max_blocks * bs}; lower max_model_len, raise "
+                f"gpu_memory_utilization ({self.cfg.gpu_memory_utilization}) or use dtype fp8"
+            )
+        # one block more than the scheduler hands out: the trash block that padding rows write to
+        # [2 (K, V), layers, blocks, slot, Hkv, D]
+        shape = (2, spec.num_layers, num_blocks + 1, bs, spec.num_kv_heads, spec.head_dim)
+        kv = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        for i, layer in enumerate(self.model.model.layers):
+            layer.self_attn.k_cache, layer.self_attn.v_cache = kv[0, i], kv[1, i]
+        self.kv_cache, self.trash_slot = kv, num_blocks * bs
+        log.info("KV cache: %d blocks of %d tokens (%.2f GB)", num_blocks, bs, kv.numel() * kv.itemsize / 1e9)
+        return num_blocks
+
+    def _profile_prefill(self) -> None:
+        """One prefill of max_num_batched_tokens, before the cache exists, to measure the activation peak."""
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        seq_len = min(self.cfg.max_model_len, self.cfg.max_num_batched_tokens)
+        n = max(1, min(self.cfg.max_num_batched_tokens // seq_len, self.cfg.max_num_seqs))
+        ids = torch.zeros(n * seq_len, dtype=torch.long, device=self.device)
+        positions = torch.arange(seq_len, device=self.device).repeat(n)
+        set_context(Context(is_prefill=True, cu_seqlens_q=[i * seq_len for i in range(n + 1)], start_positions=[0] * n))
+        self.model.compute_logits(self.model(ids, positions)[-n:])
+        reset_context()
+        self._sync()
+        torch.cuda.empty_cache()  # the peak is in the allocator's stats; don't count its cached blocks twice
+
+    # ------------------------------------------------------------------------------------------ prefill
+
+    def _slots(self, seq: Sequence, start: int, end: int) -> list[int]:
+        bs = self.block_size
+        return [seq.block_table[p // bs] * bs + p % bs for p in range(start, end)]
+
+    def _block_tables(self, seqs: list[Sequence], width: int | None = None) -> Tensor:
+        width = width or max(len(s.block_table) for s in seqs)
+        return self._to_device([s.block_table + [0] * (width - len(s.block_table)) for s in seqs], torch.int32)
+
+    def _prefill_hidden(self, seqs: list[Sequence]) -> tuple[Tensor, list[int]]:
+        """Hidden states of every scheduled token, and cu_seqlens (sequence i owns rows cu[i]:cu[i+1])."""
+        ids, positions, slots, cu, starts = [], [], [], [0], []
+        for seq in seqs:
+            start, end = seq.num_cached_tokens, seq.num_cached_tokens + seq.num_scheduled_tokens
+            ids += seq.token_ids[start:end]
+            positions += range(start, end)
+            slots += self._slots(seq, start, end)
+            cu.append(cu[-1] + end - start)
+            starts.append(start)
+        set_context(
+            Context(
+                is_prefill=True,
+                slot_mapping=self._to_device(slots, torch.long),
+                cu_seqlens_q=cu,
+                start_positions=starts,
+                block_tables=self._block_tables(seqs) if any(starts) else None,
+            )
+        )
+        try:
+            return self.model(self._to_device(ids, torch.long), self._to_device(positions, torch.long)), cu
+        finally:
+            reset_context()
+
+    @torch.inference_mode()
+    def prefill_logits(self, seq: Sequence) -> Tensor:
+        hidden, _ = self._prefill_hidden([seq])
+        return self.model.compute_logits(hidden)  # [T, V]
+
+    # ------------------------------------------------------------------------------------------ decode
+
+    def _decode_inputs(self, seqs: list[Sequence]) -> tuple[list[int], list[int], list[int], list[int]]:
+        ids = [s.last_token for s in seqs]
+        positions = [len(s) - 1 for s in seqs]
+        slots = [self._slots(s, p, p + 1)[0] for s, p in zip(seqs, positions)]
+        return ids, positions, slots, [len(s) for s in seqs]
+
+    def _decode_eager(
+        self, ids: Tensor, positions: Tensor, slots: Tensor, context_lens: Tensor, tables: Tensor
+    ) -> Tensor:
+        set_context(Context(slot_mapping=slots, block_tables=tables, context_lens=context_lens))
+        try:
+            return self.model.compute_logits(self.model(ids, positions))
+        finally:
+            reset_context()
+
+    def _graph_for(self, batch: int) -> int | None:
+        return next((b for b in self.graph_batch_sizes if b >= batch), None) if self.graphs else None
+
+    def _fill_graph_inputs(
+        self, bucket: int, ids: Tensor, positions: Tensor, slots: Tensor, context_lens: Tensor, tables: Tensor
+    ) -> None:
+        B, buf = ids.shape[0], self.graph_inputs
+        buf["input_ids"][:B].copy_(ids)
+        buf["positions"][:B].copy_(positions)
+        buf["slot_mapping"][:B].copy_(slots)
+        buf["slot_mapping"][B:bucket].fill_(self.trash_slot)  # padding rows: write to the trash block ...
+        buf["context_lens"][:B].copy_(context_lens)
+        buf["context_lens"][B:bucket].zero_()  # ... and attend to nothing
+        buf["block_tables"][:B, : tables.shape[1]].copy_(tables)
+
+    def _decode_logits(self, seqs: list[Sequence]) -> Tensor:
+        ids, positions, slots, lens = self._decode_inputs(seqs)
+        inputs = (
+            self._to_device(ids, torch.long),
+            self._to_device(positions, torch.long),
+            self._to_device(slots, torch.long),
+            self._to_device(lens, torch.int32),
+        )
+        bucket = self._graph_for(len(seqs))
+        if bucket is None:
+            return self._decode_eager(*inputs, self._block_tables(seqs))
+        self._fill_graph_inputs(bucket, *inputs, self._block_tables(seqs))
+        self.graphs[bucket].replay()
+        return self.graph_inputs["logits"][: len(seqs)]
+
+    def _graph_buffers(self, max_bs: int) -> dict[str, Tensor]:
+        """The fixed inputs (and output) every decode graph reads; a replay only copies new values in."""
+        dev = self.device
+        return {
+            "input_ids": torch.zeros(max_bs, dtype=torch.long, device=dev),
+            "positions": torch.zeros(max_bs, dtype=torch.long, device=dev),
+            "slot_mapping": torch.full((max_bs,), self.trash_slot, dtype=torch.long, device=dev),
+            "context_lens": torch.zeros(max_bs, dtype=torch.int32, device=dev),
+            "block_tables": torch.zeros(max_bs, self.max_blocks, dtype=torch.int32, device=dev),
+            "logits": torch.zeros(max_bs, self.spec.vocab_size, dtype=torch.float32, device=dev),
+        }
+
+    def _run_bucket(self, bs: int) -> None:
+        """What a decode graph for bucket bs captures: the first bs rows of the buffers, padding included."""
+        buf = self.graph_inputs
+        set_context(
+            Context(
+                slot_mapping=buf["slot_mapping"][:bs],
+                block_tables=buf["block_tables"][:bs],
+                context_lens=buf["context_lens"][:bs],
+            )
+        )
+        try:
+            hidden = self.model(buf["input_ids"][:bs], buf["positions"][:bs])
+            buf["logits"][:bs].copy_(self.model.compute_logits(hidden))
+        finally:
+            reset_context()
+
+    @torch.inference_mode()
+    def capture_graphs(self) -> None:
+        """(Re)capture one decode graph per bucket, largest first so smaller ones reuse its pool memory."""
+        self.graphs = {}
+        gc.collect()
+        torch.cuda.empty_cache()
+        max_bs = min(self.cfg.max_num_seqs, MAX_GRAPH_BATCH)
+        self.graph_batch_sizes = sorted({b for b in (1 << i for i in range(10)) if b < max_bs} | {max_bs})
+        self.graph_inputs = self._graph_buffers(max_bs)
+        pool = None
+        t0 = time.perf_counter()
+        for bs in reversed(self.graph_batch_sizes):
+            graph = torch.cuda.CUDAGraph()
+            self._run_bucket(bs)  # warm-up: compiles this bucket's kernels outside the capture
+            with torch.cuda.graph(graph, pool):
+                self._run_bucket(bs)
+            pool = pool or graph.pool()
+            self.graphs[bs] = graph
+            torch.cuda.synchronize(self.device)
+        sizes = self.graph_batch_sizes
+        log.info("captured %d decode CUDA graphs (batch %s) in %.1f s", len(sizes), sizes, time.perf_counter() - t0)
+
+    # ------------------------------------------------------------------------------------------ steps
+
+    @torch.inference_mode()
+    def run(self, seqs: list[Sequence], is_prefill: bool) -> list[int | None]:
+        """One step; a token for each sequence that reached its end (None for a mid-prompt prefill chunk)."""
+        if is_prefill:
+            hidden, cu = self._prefill_hidden(seqs)
+            done = [i for i, s in enumerate(seqs) if s.num_cached_tokens + s.num_scheduled_tokens == len(s)]
+            if not done:
+                return [None] * len(seqs)
+            logits = self.model.compute_logits(hidden[[cu[i + 1] - 1 for i in done]])  # last token of each
+        else:
+            done = list(range(len(seqs)))
+            logits = self._decode_logits(seqs)
+        sampled = sample(logits, [seqs[i].params for i in done], [seqs[i].generator for i in done], self.generator)
+        tokens: list[int | None] = [None] * len(seqs)
+        for i, t in zip(done, sampled):
+            tokens[i] = t
+        return tokens
+
+    @torch.inference_mode()
+    def decode_step_time_us(self, batch_size: int, context_len: int, steps: int) -> float:
+        """Median µs of one decode step (model + greedy argmax) for batch_size dummy sequences of context_len.
+
+        Uses the same graph (or eager path) as serving. The dummy sequences read distinct KV blocks where the
+        cache has room (so attention pays real memory traffic) and write their new K/V to the trash block,
+        so live requests are untouched.
+        """
+        if not 1 <= batch_size <= self.cfg.max_num_seqs:
+            raise MoetuneError(f"batch_size must be in 1..max_num_seqs={self.cfg.max_num_seqs}, got {batch_size}")
+        if not 1 <= context_len <= self.cfg.max_model_len:
+            raise MoetuneError(f"context_len must be in 1..max_model_len={self.cfg.max_model_len}, got {context_len}")
+        nb = blocks_for(context_len, self.block_size)
+        dev, B = self.device, batch_size
+        tables = (torch.arange(B * nb, device=dev) % self.num_kv_blocks).view(B, nb).int()
+        gen = torch.Generator(device=dev).manual_seed(self.cfg.seed)
+        ids = torch.randint(0, self.spec.vocab_size, (B,), generator=gen, device=dev)
+        positions = torch.full((B,), context_len - 1, dtype=torch.long, device=dev)
+        slots = torch.full((B,), self.trash_slot, dtype=torch.long, device=dev)
+        lens = torch.full((B,), context_len, dtype=torch.int32, device=dev)
+        bucket = self._graph_for(B)
+        if bucket is None:
+            step: Callable[[], object] = lambda: self._decode_eager(ids, positions, slots, lens, tables).argmax(-1)
+        else:
+            self._fill_graph_inputs(bucket, ids, positions, slots, lens, tables)
+            step = lambda: (self.graphs[bucket].replay(), self.graph_inputs["logits"][:B].argmax(-1))
+        return _median_us(step, max(1, steps), dev)
+
+
+def _median_us(fn: Callable[[], object], steps: int, device: torch.device) -> float:
+    """CUDA events around each call on a GPU (no host sync inside), wall clock on a CPU."""
+    for _ in range(min(3, steps)):
+        fn()
+    if device.type != "cuda":
+        samples = []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            fn()
+            samples.append((time.perf_counter() - t0) * 1e6)
+        return statistics.median(samples)
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(steps)]
+    torch.cuda.synchronize(device)
+    for start, end in events:
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize(device)
+    return statistics.median(s.elapsed_time(e) * 1e3 for s, e in events)

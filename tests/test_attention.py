@@ -1,0 +1,60 @@
+"""Paged decode attention: the Triton kernel (through the interpreter on a CPU) against the torch reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moetune.kernels.attention import PARTITION_TOKENS, paged_decode_attention, paged_decode_attention_reference
+
+
+def _case(
+    B: int, H: int, Hkv: int, D: int, block_size: int, context_lens: list[int], dtype: torch.dtype, seed: int = 0
+):
+    g = torch.Generator().manual_seed(seed)
+    max_blocks = max(-(-c // block_size) for c in context_lens) + 1
+    num_blocks = B * max_blocks + 3
+    q = torch.randn(B, H, D, generator=g).to(dtype)
+    k = torch.randn(num_blocks, block_size, Hkv, D, generator=g).to(dtype)
+    v = torch.randn(num_blocks, block_size, Hkv, D, generator=g).to(dtype)
+    # scattered, non-contiguous blocks, as after many allocations and frees
+    tables = torch.randperm(num_blocks, generator=g)[: B * max_blocks].view(B, max_blocks).int()
+    return q, k, v, tables, torch.tensor(context_lens, dtype=torch.int32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_kernel_matches_reference_with_gqa_partial_blocks_and_several_partitions(dtype):
+    # lengths: one token, a block boundary, a partial last block, and more than one partition
+    lens = [1, 16, 37, PARTITION_TOKENS + 21]
+    q, k, v, tables, ctx = _case(B=4, H=4, Hkv=2, D=16, block_size=16, context_lens=lens, dtype=dtype)
+    out = paged_decode_attention(q, k, v, tables, ctx)
+    ref = paged_decode_attention_reference(q, k, v, tables, ctx)
+    assert out.dtype == dtype and out.shape == q.shape
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+    torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
+
+
+def test_kernel_handles_non_power_of_two_head_dim_and_group():
+    q, k, v, tables, ctx = _case(B=2, H=6, Hkv=2, D=24, block_size=8, context_lens=[9, 30], dtype=torch.float32)
+    torch.testing.assert_close(
+        paged_decode_attention(q, k, v, tables, ctx), paged_decode_attention_reference(q, k, v, tables, ctx)
+    )
+
+
+def test_padding_rows_with_zero_context_give_zeros_not_nan():
+    q, k, v, tables, ctx = _case(B=3, H=4, Hkv=1, D=16, block_size=16, context_lens=[5, 0, 20], dtype=torch.float32)
+    out = paged_decode_attention(q, k, v, tables, ctx)
+    assert torch.isfinite(out).all()
+    assert out[1].abs().max() == 0
+    torch.testing.assert_close(out, paged_decode_attention_reference(q, k, v, tables, ctx))
+
+
+def test_kernel_reads_only_the_blocks_of_the_context():
+    q, k, v, tables, ctx = _case(B=2, H=4, Hkv=2, D=16, block_size=16, context_lens=[20, 3], dtype=torch.float32)
+    before = paged_decode_attention(q, k, v, tables, ctx)
+    used = {int(b) for row, n in zip(tables, (2, 1)) for b in row[:n]}
+    unused = torch.tensor(sorted(set(range(k.shape[0])) - used))
+    k[unused] = float("nan")  # poison everything outside the sequences' used blocks
+    v[unused] = float("nan")
+    k[tables[0, 1], 4:] = float("nan")  # and the unused slots of a partial last block
+    torch.testing.assert_close(paged_decode_attention(q, k, v, tables, ctx), before)

@@ -1,0 +1,405 @@
+"""The serving layer against a fake engine with the runtime's API: HTTP, SSE, errors, aborts, and the
+default-vs-tuned comparison. Deterministic and model-free, so these run in seconds."""
+
+from __future__ import annotations
+
+import csv
+import http.client
+import json
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from moetune.errors import MoetuneError
+from moetune.serve import compare as cmp
+from moetune.serve.protocol import BadRequest, TextStream, chat_prompt_ids
+from moetune.serve.server import start_server
+
+
+class FakeTokenizer:
+    """One token per character (id = code point + 3), so texts and ids map both ways exactly."""
+
+    eos_id = 2
+
+    def encode(self, text: str, bos: bool = True) -> list[int]:
+        return ([1] if bos else []) + [ord(c) + 3 for c in text]
+
+    def decode(self, ids: list[int]) -> str:
+        return "".join(chr(i - 3) for i in ids if i > 2)
+
+
+@dataclass
+class Out:
+    request_id: int
+    new_token_ids: list[int]
+    finished: bool
+    finish_reason: str | None
+
+
+A = ord("a") + 3  # the fake writes "abcdefgh..." for every request
+
+
+class FakeEngine:
+    def __init__(self, max_model_len: int = 64, delay: float = 0.0, table: str | None = "E=4,N=96.json",
+                 diverge_at: int | None = None, drift: float = 1e-3) -> None:
+        self.config = SimpleNamespace(model="fake", max_model_len=max_model_len, dtype="bf16", device="cpu",
+                                      max_num_seqs=8)
+        self.spec = SimpleNamespace(name="fake", vocab_size=32000)
+        self.tokenizer = FakeTokenizer()
+        self.delay, self.table, self.diverge_at, self.drift = delay, table, diverge_at, drift
+        self.reqs: dict[int, list] = {}
+        self.next_id, self.aborted, self.threads, self.tuned = 0, [], set(), True
+        self.fail_next_step = self.broken = False
+
+    # -- serving API
+    def add_request(self, ids: list[int], params) -> int:
+        self.threads.add(threading.get_ident())
+        if ids[0] == 0:
+            raise MoetuneError("the fake engine rejects prompts starting with 0")
+        if len(ids) + params.max_tokens > self.config.max_model_len:
+            raise MoetuneError("too long")
+        self.next_id += 1
+        self.reqs[self.next_id] = [params, 0]
+        return self.next_id
+
+    def abort(self, rid: int) -> None:
+        self.aborted.append(rid)
+        self.reqs.pop(rid, None)
+
+    def has_unfinished(self) -> bool:
+        if self.broken:
+            raise RuntimeError("engine state is corrupt")
+        return bool(self.reqs)
+
+    def step(self) -> list[Out]:
+        self.threads.add(threading.get_ident())
+        if self.fail_next_step:
+            self.fail_next_step = False
+            raise RuntimeError("boom")
+        time.sleep(self.delay)
+        outs = []
+        for rid, r in list(self.reqs.items()):
+            params, n = r
+            tok = A + n % 26
+            r[1] += 1
+            stop = tok in params.stop_token_ids
+            done = stop or r[1] >= params.max_tokens
+            outs.append(Out(rid, [tok], done, ("stop" if stop else "length") if done else None))
+            if done:
+                del self.reqs[rid]
+        return outs
+
+    # -- comparison API
+    @property
+    def moe_table_path(self):
+        return self.table if self.tuned else None
+
+    def use_tuned_tables(self, tuned: bool) -> None:
+        self.tuned = tuned
+
+    def decode_step_time_us(self, batch_size: int, context_len: int, steps: int) -> float:
+        return 1000.0 + batch_size * (5.0 if self.tuned and self.table else 10.0)
+
+    def generate(self, prompts: list[list[int]], params) -> list[list[int]]:
+        out = [[(p[0] + j) % 1000 + 3 for j in range(params.max_tokens)] for p in prompts]
+        if self.tuned and self.diverge_at is not None:
+            out[0][self.diverge_at] += 1
+        return out
+
+    def prefill_logits(self, ids: list[int]) -> torch.Tensor:
+        g = torch.Generator().manual_seed(len(ids))
+        # Diverging runs see an exact tie, so a flip is explained by the drift between tables.
+        shape = (len(ids), 2000)
+        logits = torch.ones(shape) if self.diverge_at is not None else torch.randn(shape, generator=g)
+        return logits + (self.drift if self.tuned else 0.0)
+
+
+@pytest.fixture
+def engine():
+    return FakeEngine()
+
+
+@pytest.fixture
+def server(engine):
+    s = start_server(engine, "127.0.0.1", 0)
+    t = threading.Thread(target=s.serve_forever, args=(0.05,), daemon=True)
+    t.start()
+    yield s
+    s.shutdown()
+    s.close()
+    t.join(5)
+
+
+def call(server, method: str, path: str, body=None, raw: bytes | None = None):
+    conn = http.client.HTTPConnection(*server.server_address[:2], timeout=10)
+    data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+    conn.request(method, path, body=data, headers={"Content-Type": "application/json"})
+    r = conn.getresponse()
+    out = r.status, json.loads(r.read() or b"null")
+    conn.close()
+    return out
+
+
+def sse(server, path: str, body: dict) -> list:
+    conn = http.client.HTTPConnection(*server.server_address[:2], timeout=10)
+    conn.request("POST", path, body=json.dumps({**body, "stream": True}))
+    r = conn.getresponse()
+    assert r.status == 200 and r.getheader("Content-Type") == "text/event-stream"
+    events = []
+    for _ in range(1000):  # bounded: a broken stream fails the test instead of hanging it
+        line = r.readline()
+        if not line:
+            break
+        if line.startswith(b"data: "):
+            payload = line[6:].strip()
+            events.append("[DONE]" if payload == b"[DONE]" else json.loads(payload))
+    conn.close()
+    return events
+
+
+# ---------------------------------------------------------------------------------------- good requests
+
+
+def test_health_and_models(server):
+    assert call(server, "GET", "/health") == (200, {"status": "ok"})
+    status, body = call(server, "GET", "/v1/models")
+    assert status == 200 and body["data"][0]["id"] == "fake" and body["object"] == "list"
+
+
+def test_completion_with_text_prompt_returns_text_and_usage(server):
+    status, body = call(server, "POST", "/v1/completions", {"prompt": "hi", "max_tokens": 5})
+    assert status == 200 and body["object"] == "text_completion"
+    assert body["choices"][0]["text"] == "abcde" and body["choices"][0]["finish_reason"] == "length"
+    assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8}  # BOS + 2 chars
+
+
+def test_completion_with_token_id_prompt_uses_ids_as_given(server):
+    status, body = call(server, "POST", "/v1/completions", {"prompt": [5, 6, 7, 8], "max_tokens": 2})
+    assert status == 200 and body["usage"]["prompt_tokens"] == 4 and body["choices"][0]["text"] == "ab"
+
+
+def test_chat_completion_uses_template_and_returns_message(server):
+    msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    status, body = call(server, "POST", "/v1/chat/completions", {"messages": msgs, "max_tokens": 3})
+    assert status == 200 and body["object"] == "chat.completion"
+    assert body["choices"][0]["message"] == {"role": "assistant", "content": "abc"}
+    assert body["usage"]["prompt_tokens"] == 1 + len("[INST] be brief\n\nhi [/INST]")
+
+
+def test_streamed_completion_matches_the_whole_reply(server):
+    events = sse(server, "/v1/completions", {"prompt": "hi", "max_tokens": 6})
+    assert events[-1] == "[DONE]"
+    chunks = events[:-1]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == "abcdef"
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length" and chunks[-1]["usage"]["completion_tokens"] == 6
+    assert all(c["object"] == "text_completion" for c in chunks)
+
+
+def test_streamed_chat_sends_role_then_content_then_finish_and_usage(server):
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4,
+            "stream_options": {"include_usage": True}}
+    events = sse(server, "/v1/chat/completions", body)
+    assert events[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert events[0]["object"] == "chat.completion.chunk"
+    text = "".join(e["choices"][0]["delta"].get("content", "") for e in events[1:-2])
+    assert text == "abcd" and events[-3]["choices"][0]["finish_reason"] == "length"
+    assert events[-2]["choices"] == [] and events[-2]["usage"]["completion_tokens"] == 4 and events[-1] == "[DONE]"
+
+
+def test_stop_string_cuts_text_and_ends_request(server, engine):
+    status, body = call(server, "POST", "/v1/completions", {"prompt": "x", "max_tokens": 20, "stop": ["de"]})
+    assert body["choices"][0] == {"index": 0, "text": "abc", "logprobs": None, "finish_reason": "stop"}
+    events = sse(server, "/v1/completions", {"prompt": "x", "max_tokens": 20, "stop": "de"})
+    assert "".join(e["choices"][0]["text"] for e in events[:-1]) == "abc"
+    assert not engine.reqs  # the rest of the request was aborted, not generated
+
+
+def test_stop_token_id_is_not_part_of_the_text(server):
+    status, body = call(server, "POST", "/v1/completions", {"prompt": "x", "max_tokens": 20, "stop": [A + 2]})
+    assert body["choices"][0]["text"] == "ab" and body["choices"][0]["finish_reason"] == "stop"
+    assert body["usage"]["completion_tokens"] == 3
+
+
+def test_concurrent_requests_all_complete_and_engine_runs_on_one_thread(server, engine):
+    results = []
+    ts = [threading.Thread(target=lambda: results.append(
+        call(server, "POST", "/v1/completions", {"prompt": "q", "max_tokens": 8}))) for _ in range(6)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(10)
+    assert [r[1]["choices"][0]["text"] for r in results] == ["abcdefgh"] * 6
+    assert len(engine.threads) == 1 and threading.get_ident() not in engine.threads
+
+
+# ---------------------------------------------------------------------------------------- bad requests
+
+BAD = [
+    ("/v1/completions", None),  # malformed JSON, sent raw below
+    ("/v1/completions", []),
+    ("/v1/completions", {"max_tokens": 3}),
+    ("/v1/completions", {"prompt": ""}),
+    ("/v1/completions", {"prompt": [1, -4]}),
+    ("/v1/completions", {"prompt": "x" * 100}),  # over max_model_len=64
+    ("/v1/completions", {"prompt": "x", "max_tokens": 64}),  # prompt + completion over 64
+    ("/v1/completions", {"prompt": "x", "temperature": -0.1}),
+    ("/v1/completions", {"prompt": "x", "top_p": 0}),
+    ("/v1/completions", {"prompt": "x", "top_p": 1.5}),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 0}),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 2.5}),
+    ("/v1/completions", {"prompt": "x", "max_tokens": "3"}),
+    ("/v1/completions", {"prompt": "x", "n": 2}),
+    ("/v1/completions", {"prompt": "x", "stream": "yes"}),
+    ("/v1/completions", {"prompt": [0, 5]}),  # the engine itself refuses: its message reaches the client
+    ("/v1/chat/completions", {"max_tokens": 3}),
+    ("/v1/chat/completions", {"messages": []}),
+    ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "x"}]}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x" * 80}]}),
+]
+
+
+@pytest.mark.parametrize("path,body", BAD)
+def test_bad_request_gets_400_with_openai_error_and_server_keeps_serving(server, path, body):
+    raw = b"{not json" if body is None else None
+    status, resp = call(server, "POST", path, body, raw=raw)
+    assert status == 400, resp
+    assert resp["error"]["type"] == "invalid_request_error" and resp["error"]["message"]
+    assert call(server, "GET", "/health")[0] == 200
+
+
+def test_engine_rejection_message_reaches_client(server):
+    _, resp = call(server, "POST", "/v1/completions", {"prompt": [0, 5], "max_tokens": 1})
+    assert "rejects prompts starting with 0" in resp["error"]["message"]
+
+
+def test_bad_streamed_request_still_gets_a_400_status(server):
+    status, resp = call(server, "POST", "/v1/completions", {"prompt": [0, 5], "stream": True})
+    assert status == 400 and resp["error"]["type"] == "invalid_request_error"
+
+
+def test_unknown_path_404_and_wrong_method_405(server):
+    assert call(server, "GET", "/nope")[0] == 404
+    assert call(server, "POST", "/v1/nope", {"a": 1})[0] == 404
+    assert call(server, "GET", "/v1/completions")[0] == 405
+
+
+def test_engine_failure_is_500_and_next_request_succeeds(server, engine):
+    engine.fail_next_step = True
+    status, resp = call(server, "POST", "/v1/completions", {"prompt": "x", "max_tokens": 3})
+    assert status == 500 and "boom" in resp["error"]["message"]
+    assert call(server, "POST", "/v1/completions", {"prompt": "x", "max_tokens": 3})[0] == 200
+
+
+def test_dead_engine_thread_turns_health_and_requests_into_503(server, engine):
+    engine.broken = True
+    status, resp = call(server, "POST", "/v1/completions", {"prompt": "x", "max_tokens": 3})
+    assert status == 503 and resp["error"]["type"] == "server_error"
+    assert call(server, "GET", "/health")[0] == 503
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_client_disconnect_aborts_its_request(stream):
+    eng = FakeEngine(max_model_len=100_000, delay=0.02)
+    s = start_server(eng, "127.0.0.1", 0)
+    t = threading.Thread(target=s.serve_forever, args=(0.05,), daemon=True)
+    t.start()
+    try:
+        body = json.dumps({"prompt": "x", "max_tokens": 50_000, "stream": stream}).encode()
+        sock = socket.create_connection(s.server_address[:2], timeout=5)
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        if stream:
+            got = b""
+            for _ in range(50):  # headers and the first chunk may come in separate reads
+                got += sock.recv(4096)
+                if b"data: " in got:
+                    break
+            assert b"data: " in got  # the stream has started
+        else:
+            time.sleep(0.3)
+        sock.close()
+        for _ in range(100):
+            if eng.aborted and not eng.reqs:
+                break
+            time.sleep(0.05)
+        assert eng.aborted == [1] and not eng.reqs
+    finally:
+        s.shutdown()
+        s.close()
+        t.join(5)
+
+
+# ---------------------------------------------------------------------------------------- protocol pieces
+
+
+def test_chat_template_mistral_v1():
+    tok = FakeTokenizer()
+    msgs = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+            {"role": "user", "content": [{"type": "text", "text": "c"}]}]
+    ids = chat_prompt_ids(msgs, tok)
+    assert ids[0] == 1 and ids.count(1) == 1 and ids.count(tok.eos_id) == 1
+    assert tok.decode(ids) == "[INST] a [/INST]b[INST] c [/INST]"
+    with pytest.raises(BadRequest):
+        chat_prompt_ids([{"role": "user", "content": "a"}, {"role": "system", "content": "late"}], tok)
+
+
+def test_text_stream_holds_back_possible_stop_prefix_and_half_characters():
+    tok = FakeTokenizer()
+    ts = TextStream(tok.decode, ["xyz"])
+    assert ts.add(tok.encode("abcx", bos=False)) == "abc"  # "x" could still start "xyz"
+    assert ts.add(tok.encode("y", bos=False)) == ""
+    assert ts.add(tok.encode("zq", bos=False)) == "" and ts.stopped and ts.text == "abc"
+    ts = TextStream(tok.decode, ["xyz"])
+    assert ts.add(tok.encode("abxy", bos=False)) == "ab" and ts.add(tok.encode("q", bos=False)) == "xyq"
+    half = TextStream(lambda ids: "ok\ufffd" if len(ids) == 1 else "ok!", [])
+    assert half.add([5]) == "ok" and half.add([6], final=True) == "!"
+
+
+# ---------------------------------------------------------------------------------------- comparison
+
+W = cmp.Workload(batch_sizes=[1, 4], context_len=8, prompt_len=16, steps=2, ttft_reps=1, check_prompts=2,
+                 check_tokens=4, check_prompt_len=4)
+
+
+def test_compare_with_table_reports_speedup_and_writes_json_and_csv(tmp_path):
+    r = cmp.compare(FakeEngine(), W)
+    assert r["tuned_table_found"] and r["table"] == "E=4,N=96.json"
+    assert [x["batch"] for x in r["decode"]] == [1, 4] and all(x["speedup"] > 1 for x in r["decode"])
+    assert r["decode"][1]["default_tok_s"] == pytest.approx(4e6 / 1040)
+    assert all(p["identical"] for p in r["greedy_parity"]) and r["greedy_parity"][0]["max_abs_logit_diff"] < 0.01
+    text = cmp.report(r)
+    assert "tuned table: E=4,N=96.json" in text and "MEANINGLESS" not in text.split("\n")[0]
+    jpath, cpath = cmp.save(r, tmp_path)
+    assert json.loads(jpath.read_text())["decode"][0]["batch"] == 1
+    rows = list(csv.DictReader(cpath.open()))
+    assert [row["kind"] for row in rows] == ["decode", "decode", "ttft"]
+
+
+def test_compare_without_table_claims_no_speedup():
+    r = cmp.compare(FakeEngine(table=None), W)
+    assert r["table"] is None and all(x["speedup"] is None for x in r["decode"]) and r["ttft"]["speedup"] is None
+    assert "NO TUNED TABLE" in cmp.report(r) and "default vs default" in cmp.report(r)
+
+
+def test_compare_reports_first_divergence_and_checks_logits_there():
+    r = cmp.compare(FakeEngine(diverge_at=2), W)
+    p = r["greedy_parity"][0]
+    assert not p["identical"] and p["first_divergence"] == 2 and p["verdict"] == "near-tie within tolerance"
+    assert "first divergence at token 2" in cmp.report(r)
+    r = cmp.compare(FakeEngine(diverge_at=2, drift=1.0), W)  # logits moved far more than rounding can
+    assert r["greedy_parity"][0]["verdict"] == "MISMATCH"
+
+
+def test_workload_that_does_not_fit_fails_early():
+    with pytest.raises(MoetuneError, match="max_num_seqs"):
+        cmp.compare(FakeEngine(), cmp.Workload(batch_sizes=[64], context_len=8, prompt_len=8))
+
+
+def test_fixed_prompt_is_seeded_and_never_special_tokens():
+    a = cmp.fixed_prompt(2048, 32000, seed=1)
+    assert a == cmp.fixed_prompt(2048, 32000, seed=1) and min(a) >= 3 and len(set(a)) > 1000
