@@ -1,0 +1,72 @@
+"""Decode-sized MoE on the GPU: the tiled path against the GEMV path, per M, in one run.
+
+    python benchmarks/gemv_vs_tiled.py --dtype fp8 [--model mixtral-8x7b] [--batch-sizes 1,2,4,8,16]
+
+For each M it times a small sweep of each path (CUDA graphs, median) and prints the best of each,
+their ratio, and the fraction of the roofline floor measured in the same run. Decides whether the
+GEMV knob earns its place and up to which M (benchmarks/NOTES.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+
+import pandas as pd
+
+from moetune.bench import Layer, parse_token_counts
+from moetune.kernels.reference import moe_reference, rel_err
+from moetune.models import get_model, moe_shape
+from moetune.timing import Ceilings, measure_ceilings, on_gpu, time_us
+
+TILED = [
+    dict(BLOCK_SIZE_M=16, BLOCK_SIZE_N=bn, BLOCK_SIZE_K=bk, GROUP_SIZE_M=1, num_warps=w, num_stages=s)
+    for bn, bk, w, s in itertools.product((32, 64, 128), (128, 256), (4, 8), (3, 4, 5))
+]
+GEMV = [
+    dict(BLOCK_SIZE_M=16, BLOCK_SIZE_N=bn, BLOCK_SIZE_K=bk, GROUP_SIZE_M=1, num_warps=w, num_stages=s, kernel="gemv")
+    for bn, bk, w, s in itertools.product((8, 16, 32), (128, 256, 512), (4, 8), (1, 2))
+]
+TOL = {"bf16": 1e-2, "fp16": 1e-2, "fp8": 6e-2}
+
+
+def best(layer: Layer, x, logits, configs: list[dict], ref) -> tuple[float, dict]:
+    results = []
+    for cfg in configs:
+        try:
+            if rel_err(layer.run(x, logits, cfg), ref) > TOL[layer.dtype]:
+                continue
+            results.append((time_us(lambda: layer.run(x, logits, cfg), reps=20), cfg))  # noqa: B023
+        except Exception as e:  # a config that cannot compile (shared memory, registers) is skipped
+            print(f"  skip {cfg}: {type(e).__name__}")
+    return min(results, key=lambda r: r[0])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="mixtral-8x7b")
+    p.add_argument("--dtype", default="fp8")
+    p.add_argument("--batch-sizes", default="1,2,4,8,16")
+    p.add_argument("--csv", default="runs/gemv_vs_tiled.csv")
+    args = p.parse_args()
+    shape = moe_shape(get_model(args.model))
+    layer = Layer(shape, args.dtype, "cuda" if on_gpu() else "cpu")
+    ceilings = measure_ceilings(args.dtype) if on_gpu() else Ceilings(3e12, 1e15)  # CPU: smoke test only
+    rows = []
+    for M in parse_token_counts(args.batch_sizes):
+        x, logits = layer.inputs(M, seed=M)
+        ref = moe_reference(x, logits, layer.w13, layer.w2, shape.top_k, **layer.scales)
+        tiled_us, tiled_cfg = best(layer, x, logits, TILED, ref)
+        gemv_us, gemv_cfg = best(layer, x, logits, GEMV, ref)
+        floor = layer.floor_us(logits, ceilings)
+        rows.append(dict(M=M, tiled_us=tiled_us, gemv_us=gemv_us, gemv_speedup=tiled_us / gemv_us, floor_us=floor,
+                         tiled_frac=floor / tiled_us, gemv_frac=floor / gemv_us,
+                         tiled_cfg=str(tiled_cfg), gemv_cfg=str(gemv_cfg)))  # fmt: skip
+        print(rows[-1], flush=True)
+    df = pd.DataFrame(rows)
+    print(df.drop(columns=["tiled_cfg", "gemv_cfg"]).to_string(index=False))
+    df.to_csv(args.csv, index=False)
+
+
+if __name__ == "__main__":
+    main()
