@@ -1,0 +1,218 @@
+"""`moetune run`: tune one model's fused-MoE table on this machine's GPU (or, for --model tiny, on the
+CPU through Triton's interpreter) and write it where vLLM and SGLang look for it."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import functools
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from moetune.errors import MoetuneError
+from moetune.models import MoeShape, check_dtype, get_model, moe_shape
+from moetune.tables import TOKEN_COUNTS, device_name, table_filename
+from moetune.tuning.bench import KernelBench, bytes_per_elem
+from moetune.tuning.study import Settings
+from moetune.tuning.tuner import TableJob, TableResult, tune_table
+
+# Triton fixes compiled-or-interpreted for good when it is first imported, and with no GPU only the
+# interpreter can run a kernel. The dispatcher imports this module before any subcommand that imports
+# Triton, so this is early enough. (Nothing imported above imports Triton.)
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# The interpreter runs a tiny layer in about a second; these keep `moetune run --model tiny` short.
+CPU_BATCH_SIZES = (1, 16, 64)
+CPU_TRIALS = 6
+
+
+def add_run_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="mixtral-8x7b, mixtral-8x22b, or tiny (runs on the CPU)")
+    p.add_argument("--dtype", default="bf16", help="bf16 (default), fp16 or fp8 (w8a8: per-expert weight scales)")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size; the table is for one rank's N")
+    p.add_argument("--batch-sizes", help="token counts M to tune, e.g. 1,16,256 (default: vLLM's 18)")
+    p.add_argument("--trials", type=int, help="trials per M (default 100; the whole grid with --sampler grid)")
+    p.add_argument("--time-budget", help="wall-clock budget for the whole table, e.g. 3600, 45m, 2h")
+    p.add_argument("--output", default="tuned_configs", help="folder for the table and sidecar (default: %(default)s)")
+    p.add_argument("--run-dir", help="folder for the journal, trials.csv and Triton cache (default: runs/<table>)")
+    p.add_argument("--storage", help="Optuna storage: a journal file (default <run-dir>/journal.log) or an RDB URL")
+    p.add_argument("--gpus", type=int, default=1, help="worker processes, one per GPU, sharing each study")
+    p.add_argument("--resume", action="store_true", help="continue the run recorded in --storage")
+    p.add_argument("--sampler", default="tpe", help="tpe (default) or grid (brute force, for comparisons)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the weights, the inputs and the sampler")
+    p.add_argument("--patience", type=int, default=40, help="stop an M after this many trials without a 1%% gain")
+    p.add_argument("--finalists", type=int, default=4, help="best configs re-timed with many reps per M")
+    p.add_argument("--compile-workers", type=int, help="CPU processes compiling per GPU (default: cores / GPUs)")
+    p.add_argument("--compile-timeout", type=float, default=300.0, help="seconds before a compile counts as hung")
+
+
+def parse_batch_sizes(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or any(v < 1 for v in values):
+        raise MoetuneError(f"--batch-sizes {text!r} is malformed; give positive token counts like 1,16,256")
+    return sorted(set(values))
+
+
+def parse_duration(text: str) -> float:
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*", text)
+    if not m or float(m[1]) <= 0:
+        raise MoetuneError(f"--time-budget {text!r} is malformed; give seconds or a duration like 90, 45m, 2h")
+    return float(m[1]) * {"": 1, "s": 1, "m": 60, "h": 3600}[m[2]]
+
+
+def _positive(name: str, value: int | float | None) -> None:
+    if value is not None and value < 1:
+        raise MoetuneError(f"{name} must be at least 1, got {value}")
+
+
+def _gpu_facts(gpus: int) -> tuple[bool, int | None]:
+    """(on a GPU, shared memory per block); checks that --gpus GPUs exist."""
+    if not torch.cuda.is_available():
+        if gpus > 1:
+            raise MoetuneError(f"--gpus {gpus} but no GPU was found; drop --gpus to run on the CPU")
+        return False, None
+    if gpus > torch.cuda.device_count():
+        raise MoetuneError(f"--gpus {gpus} but this machine has {torch.cuda.device_count()} GPU(s)")
+    names = sorted({torch.cuda.get_device_name(i) for i in range(gpus)})
+    if len(names) > 1:
+        raise MoetuneError(f"--gpus {gpus} spans {' and '.join(names)}; a table is for one GPU model, use fewer")
+    return True, getattr(torch.cuda.get_device_properties(0), "shared_memory_per_block_optin", None)
+
+
+def default_compile_workers(gpus: int, shape: MoeShape, dtype: str) -> int:
+    """CPU processes compiling for each GPU: the cores shared out over the GPUs, capped by what fits
+    in GPU memory beside the timing process, since each one holds a full (uninitialised) weight set."""
+    GiB = 1 << 30
+    by_cores = ((os.cpu_count() or 2) - gpus) // gpus
+    weights = 3 * shape.E * shape.N * shape.K * bytes_per_elem(dtype)  # w13 [E, 2N, K] + w2 [E, K, N]
+    timing = weights + 3 * shape.E * shape.N * shape.K * 4 + 4 * GiB  # + the reference's float32 copies
+    free, _ = torch.cuda.mem_get_info(0)
+    by_memory = int((free - timing) // (weights + 1.5 * GiB))
+    return max(1, min(12, by_cores, by_memory))
+
+
+@contextlib.contextmanager
+def run_dir_lock(run_dir: Path) -> Iterator[None]:
+    """One coordinator per run folder: two would race on its table and journal. (Other hosts sharing
+    an RDB study have folders of their own.) The OS drops the lock when the process dies."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / "lock", "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "?"
+            raise MoetuneError(
+                f"another moetune run (pid {holder}) is using {run_dir}; wait for it, or pass --run-dir"
+            ) from None
+        f.truncate(0)
+        f.write(str(os.getpid()))
+        f.flush()
+        yield
+
+
+def _make_bench(shape: MoeShape, dtype: str, seed: int, workers: int, timeout_s: float) -> KernelBench:
+    return KernelBench(shape, dtype, seed=seed, compile_workers=workers, compile_timeout_s=timeout_s)
+
+
+def _settings(args: argparse.Namespace, gpu: bool, dtype: str, time_budget: float | None,
+              compile_workers: int, smem_limit: int | None) -> Settings:  # fmt: skip
+    return Settings(
+        trials=args.trials or (None if args.sampler == "grid" else (100 if gpu else CPU_TRIALS)),
+        time_budget_s=time_budget,
+        sampler=args.sampler,
+        seed=args.seed,
+        patience=args.patience,
+        finalists=args.finalists if gpu else min(args.finalists, 2),
+        batch=max(1, compile_workers),  # a batch is compiled in parallel, one config per process
+        smem_limit=smem_limit,
+        bytes_per_elem=bytes_per_elem(dtype),
+        # the interpreter's timings mean nothing, so spend as little time on them as possible
+        **({} if gpu else dict(screen_reps=4, final_reps=4, final_rounds=1)),
+    )
+
+
+def run_main(args: argparse.Namespace) -> int:
+    if not args.model:
+        raise MoetuneError("which model? pass --model mixtral-8x7b, mixtral-8x22b or tiny")
+    model = get_model(args.model)
+    dtype = check_dtype(args.dtype)
+    shape = moe_shape(model, args.tp)
+    for name in ("--trials", "--gpus", "--patience", "--finalists", "--compile-workers"):
+        _positive(name, getattr(args, name[2:].replace("-", "_")))
+    if args.sampler not in ("tpe", "grid"):
+        raise MoetuneError(f"unknown --sampler {args.sampler!r}; choose tpe or grid")
+    time_budget = parse_duration(args.time_budget) if args.time_budget else None
+    batch_sizes = parse_batch_sizes(args.batch_sizes) if args.batch_sizes else None
+
+    gpu, smem_limit = _gpu_facts(args.gpus)
+    if not gpu and model.name != "tiny":
+        raise MoetuneError(
+            f"no GPU found: tuning {model.name} needs a CUDA GPU; "
+            f"try `moetune run --model tiny` to run the whole pipeline on the CPU"
+        )
+    if not gpu and os.environ.get("TRITON_INTERPRET") != "1":
+        raise MoetuneError("no GPU and TRITON_INTERPRET is not 1: set TRITON_INTERPRET=1 to run tiny on the CPU")
+
+    device = device_name()
+    path = Path(args.output) / table_filename(shape.E, shape.N, device, dtype)
+    run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / path.name.removesuffix(".json")
+    storage = args.storage or str(run_dir / "journal.log")
+    cache_dir = None
+    if gpu and "TRITON_CACHE_DIR" not in os.environ:  # our own cache, so we may prune it
+        cache_dir = run_dir / "triton_cache"
+        os.environ["TRITON_CACHE_DIR"] = str(cache_dir.resolve())
+
+    compile_workers = 0
+    if gpu:
+        compile_workers = args.compile_workers or default_compile_workers(args.gpus, shape, dtype)
+    settings = _settings(args, gpu, dtype, time_budget, compile_workers, smem_limit)
+    job = TableJob(
+        path=path, storage=storage, shape=shape, dtype=dtype, model=model.name, tp=args.tp, device=device,
+        Ms=batch_sizes or list(TOKEN_COUNTS if gpu else CPU_BATCH_SIZES), resume=args.resume, cache_dir=cache_dir,
+    )  # fmt: skip
+    factory = functools.partial(_make_bench, shape, dtype, args.seed, compile_workers, args.compile_timeout)
+
+    print(f"tuning {path} for {model.name} (tp {args.tp}, {dtype}) on {device}")
+    workers = f"{args.gpus} GPU worker(s), {compile_workers} compile processes each" if gpu else "1 CPU worker"
+    print(f"  M = {','.join(map(str, job.Ms))}; studies in {storage}; {workers}")
+    if not gpu:
+        print(
+            "  note: no GPU, so this runs through Triton's CPU interpreter: the timings are meaningless "
+            "(sidecar timings_meaningful=false); it proves the pipeline, not speed"
+        )
+    with run_dir_lock(run_dir):
+        result = tune_table(job, settings, factory, workers=args.gpus, trials_csv=run_dir / "trials.csv")
+    _print_summary(job, result, run_dir, storage)
+    if result.interrupted:
+        return 130
+    return 1 if result.failed else 0
+
+
+def _print_summary(job: TableJob, result: TableResult, run_dir: Path, storage: str) -> None:
+    from moetune.tablecli import format_table
+
+    if job.path.exists():
+        print(format_table(job.path))
+    for M, why in result.failed.items():
+        print(f"M={M}: not tuned: {why}")
+    new = len(result.done) - len(result.resumed)
+    print(
+        f"{new} M tuned in {result.wall_time_s:.0f} s"
+        + (f", {len(result.resumed)} already done (resumed)" if result.resumed else "")
+        + f"; trials: {run_dir / 'trials.csv'}"
+    )
+    if "://" not in storage:
+        print(f"browse the studies: optuna-dashboard {storage}")
+    if result.interrupted:
+        left = [M for M in job.Ms if M not in result.done]
+        print(f"interrupted: the table holds every finished M; {len(left)} left. Rerun with --resume to go on.")

@@ -1,0 +1,325 @@
+"""One Optuna study per (table, M): storage, sampler, screening, recovery, warm starts, finalists.
+
+Screening asks TPE for a batch, compiles it together, verifies each config against the reference
+and times it with few reps. A config that cannot run is told a penalty value with its reason, so TPE
+learns where not to go (a FAIL would be ignored by TPE). The finalists are then re-timed with many
+reps, because the best of many noisy screenings is biased low (the winner's curse).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import statistics
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.storages import BaseStorage, JournalStorage
+from optuna.storages.journal import JournalFileBackend
+from optuna.trial import FrozenTrial, Trial, TrialState
+
+from moetune.errors import MoetuneError
+from moetune.tables import Config, default_config, nearest
+from moetune.tuning.bench import Bench, DeviceBroken, Infeasible
+from moetune.tuning.compile import describe
+from moetune.tuning.space import Space, config_key, predict_infeasible, to_config
+
+# The value an infeasible config reports: far above any real layer time, so TPE ranks it last.
+PENALTY_US = 1e9
+BenchFactory = Callable[[], Bench]
+
+
+@dataclass
+class Settings:
+    trials: int | None = 100  # per M; None with the grid sampler means the whole grid
+    time_budget_s: float | None = None  # for the whole table, shared out over the M still to do
+    sampler: str = "tpe"  # or "grid" (brute force, for search-quality comparisons)
+    seed: int = 0
+    patience: int = 40  # stop an M after this many trials without a `min_gain` improvement
+    min_gain: float = 0.01
+    batch: int = 1  # candidates asked at once and compiled together
+    screen_reps: int = 10
+    final_reps: int = 100
+    final_rounds: int = 3  # finalists are timed round-robin, so drift hits them all alike
+    finalists: int = 4
+    smem_limit: int | None = None  # bytes of shared memory per block, None when unknown
+    bytes_per_elem: int = 2
+    twin_timeout_s: float = 900.0  # longest wait for another worker timing the same config
+
+
+# ------------------------------------------------------------------------------------------- storage
+
+
+def open_storage(spec: str) -> BaseStorage:
+    """A journal file (the default: survives SIGKILL, no server) or any Optuna RDB URL."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial would drown the bar
+    if "://" in spec:
+        try:
+            return optuna.storages.RDBStorage(spec)
+        except Exception as e:
+            raise MoetuneError(f"cannot open --storage {spec}: {describe(e)}") from None
+    Path(spec).parent.mkdir(parents=True, exist_ok=True)
+    return JournalStorage(JournalFileBackend(spec))
+
+
+class _GridSampler(optuna.samplers.GridSampler):
+    """Optuna's grid, minus its end-of-grid Study.stop(), which raises outside optimize(); the
+    trial budget (the grid size) ends a brute-force study instead."""
+
+    def after_trial(self, study: optuna.Study, trial: FrozenTrial, state: TrialState, values: Any) -> None:
+        pass
+
+
+def make_sampler(settings: Settings, space: Space, M: int, rank: int) -> optuna.samplers.BaseSampler:
+    seed = settings.seed * 1_000_003 + M * 101 + rank  # workers of one study must not suggest alike
+    if settings.sampler == "grid":
+        return _GridSampler(space.grid(), seed=seed)
+    return optuna.samplers.TPESampler(
+        multivariate=True,  # the knobs interact (tile sizes vs stages vs shared memory)
+        constant_liar=True,  # parallel workers see each other's running trials as bad, so they spread out
+        n_startup_trials=min(10, max(2, (settings.trials or 100) // 5)),
+        seed=seed,
+    )
+
+
+def budget(settings: Settings, space: Space) -> int:
+    if settings.sampler == "grid":
+        return min(settings.trials or space.size(), space.size())
+    return settings.trials or 100
+
+
+# ---------------------------------------------------------------------------------------- screening
+
+
+def _owner() -> dict[str, Any]:
+    return {"host": socket.gethostname(), "pid": os.getpid()}
+
+
+def _owner_dead(trial: FrozenTrial, grace_s: float = 60.0) -> bool:
+    """Whether the process running `trial` is gone. Only this host's processes can be checked."""
+    owner = trial.user_attrs.get("owner")
+    if owner is None:  # killed between ask and claiming the trial
+        return trial.datetime_start is not None and time.time() - trial.datetime_start.timestamp() > grace_s
+    if owner["host"] != socket.gethostname() or owner["pid"] == os.getpid():
+        return False
+    try:
+        os.kill(owner["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def _tell(study: optuna.Study, trial: Trial, config: Config, us: float | None, reason: str | None,
+          rel_err: float | None = None, **extra: Any) -> None:  # fmt: skip
+    for key, value in dict(config=config, us=us, infeasible=reason, rel_err=rel_err, **extra).items():
+        trial.set_user_attr(key, value)
+    study.tell(trial, us if reason is None else PENALTY_US)
+
+
+def _evaluate(bench: Bench, config: Config, M: int, reps: int) -> tuple[float | None, str | None, float | None]:
+    """(µs, None, rel_err) for a config that runs right; (None, reason, rel_err) for one that does not."""
+    rel = None
+    try:
+        rel = bench.verify(config, M)
+        if not rel <= bench.tolerance:  # also catches NaN
+            return None, f"wrong result: rel_err {rel:.3g} > {bench.tolerance:g}", rel
+        return bench.time(config, M, reps), None, rel
+    except Infeasible as e:
+        return None, str(e), rel
+    except DeviceBroken:
+        raise
+    except Exception as e:  # one bad config never ends the run
+        return None, describe(e), rel
+
+
+def _twin(study: optuna.Study, trial: Trial) -> FrozenTrial | None:
+    """A trial with the same config that was measured, or is being measured under a smaller number:
+    TPE on a discrete space repeats itself, and of two workers that drew one config only the first
+    should time it."""
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING)):
+        if t.params == trial.params and t.number != trial.number and "repeat_of" not in t.user_attrs:
+            if t.state == TrialState.COMPLETE or t.number < trial.number:
+                return t
+    return None
+
+
+def _await(study: optuna.Study, number: int, timeout_s: float) -> FrozenTrial | None:
+    """The finished trial `number`, or None if it failed, its process died, or it took too long."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        t = study.get_trials(deepcopy=False)[number]
+        if t.state == TrialState.COMPLETE:
+            return t
+        if t.state != TrialState.RUNNING or _owner_dead(t) or time.monotonic() > deadline:
+            return None
+        time.sleep(0.2)
+
+
+def trial_counts(study: optuna.Study) -> tuple[int, float]:
+    """(trials started or finished, best µs so far)."""
+    trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
+    values = [t.value for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
+    return len(trials), min(values, default=math.inf)
+
+
+def plateaued(values: list[float], patience: int, min_gain: float) -> bool:
+    """True when the last `patience` values brought no gain of min_gain (relative) over the best."""
+    best, since = math.inf, 0
+    for v in values:
+        if v < best * (1 - min_gain):
+            best, since = v, 0
+        else:
+            since += 1
+    return since >= patience
+
+
+def _should_stop(study: optuna.Study, settings: Settings, n_max: int, deadline: float | None) -> bool:
+    started, _ = trial_counts(study)
+    if started >= n_max or (deadline is not None and time.time() >= deadline):
+        return True
+    if settings.sampler == "grid":  # brute force means brute force
+        return False
+    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    return plateaued([t.value for t in done], settings.patience, settings.min_gain)
+
+
+def screen(
+    study: optuna.Study,
+    bench: Bench,
+    M: int,
+    space: Space,
+    settings: Settings,
+    deadline: float | None = None,
+    on_trial: Callable[[], None] | None = None,
+) -> None:
+    """Run trials on `study` until its budget, the deadline or a plateau. Safe to run in several
+    processes on one study at once: the budget and the plateau are read from the shared storage."""
+    n_max = budget(settings, space)
+    while not _should_stop(study, settings, n_max, deadline):
+        n = max(1, min(settings.batch, n_max - trial_counts(study)[0]))
+        trials = [study.ask(space.distributions()) for _ in range(n)]
+        try:
+            for t in trials:
+                t.set_user_attr("owner", _owner())
+            _screen_batch(study, bench, M, trials, settings, on_trial)
+        except BaseException:  # Ctrl-C, a broken device: trials in flight are lost, not half-recorded
+            for t in trials:
+                study.tell(t, state=TrialState.FAIL, skip_if_finished=True)
+            raise
+
+
+def _screen_batch(study: optuna.Study, bench: Bench, M: int, trials: list[Trial], settings: Settings,
+                  on_trial: Callable[[], None] | None) -> None:  # fmt: skip
+    configs = [to_config(t.params) for t in trials]
+    twins = [_twin(study, t) for t in trials]
+    reasons = [predict_infeasible(c, settings.bytes_per_elem, settings.smem_limit) for c in configs]
+    fresh = [i for i in range(len(trials)) if twins[i] is None and reasons[i] is None]
+    for i, reason in zip(fresh, bench.compile([configs[i] for i in fresh], M)):
+        reasons[i] = reason
+    for trial, config, twin, reason in zip(trials, configs, twins, reasons):
+        done = _await(study, twin.number, settings.twin_timeout_s) if twin is not None else None
+        if done is not None:  # already measured: same answer, no GPU time
+            a = done.user_attrs
+            _tell(study, trial, config, a.get("us"), a.get("infeasible"), a.get("rel_err"), repeat_of=done.number)
+        elif reason is not None:
+            _tell(study, trial, config, None, reason)
+        else:
+            try:
+                us, reason, rel = _evaluate(bench, config, M, settings.screen_reps)
+            except DeviceBroken as e:
+                _tell(study, trial, config, None, f"broke the GPU context: {e}")
+                raise
+            _tell(study, trial, config, us, reason, rel)
+        if on_trial:
+            on_trial()
+
+
+# ------------------------------------------------------------------------------------------- per M
+
+
+def recover_stale(study: optuna.Study) -> None:
+    """Trials left RUNNING by a killed process: fail them and run their config again once. A config
+    whose process died twice is recorded as infeasible, so a crashing config cannot stall a run."""
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if not _owner_dead(t):
+            continue
+        study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
+        if len(t.params) != len(t.distributions) or not t.params:
+            continue
+        if "retry_of" not in t.user_attrs:
+            study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
+        else:
+            reason = "its process died while evaluating it, twice"
+            study.add_trial(optuna.trial.create_trial(
+                params=t.params, distributions=t.distributions, value=PENALTY_US,
+                user_attrs={"config": to_config(t.params), "us": None, "infeasible": reason, "rel_err": None},
+            ))  # fmt: skip
+
+
+def warm_starts(
+    M: int, E: int, finals: Mapping[int, Config], old_table: Mapping[int, Config]
+) -> list[tuple[str, Config]]:
+    """Where a study starts: vLLM's default, the nearest finished M below and above, the old table."""
+    starts = [("default", default_config(M, E))]
+    below = [m for m in finals if m < M]
+    above = [m for m in finals if m > M]
+    if below:
+        starts.append((f"M={max(below)}", finals[max(below)]))
+    if above:
+        starts.append((f"M={min(above)}", finals[min(above)]))
+    if old_table:
+        starts.append(("existing table", old_table[nearest(old_table, M)]))
+    return starts
+
+
+def finalize(study: optuna.Study, bench: Bench, M: int, default: Config, settings: Settings) -> dict | None:
+    """Re-time the best few and the default with many reps; the fastest that verifies wins."""
+    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    ranked = sorted((t for t in done if t.user_attrs.get("us") is not None), key=lambda t: t.value)
+    candidates: dict[tuple, Config] = {}
+    for t in ranked:
+        if len(candidates) == settings.finalists:
+            break
+        candidates.setdefault(config_key(to_config(t.params)), to_config(t.params))
+    candidates.setdefault(config_key(default), dict(default))
+
+    samples: dict[tuple, list[float]] = {key: [] for key in candidates}
+    for _ in range(settings.final_rounds):
+        for key in list(samples):
+            try:
+                samples[key].append(bench.time(candidates[key], M, settings.final_reps))
+            except Infeasible:
+                del samples[key]
+    final_us = {key: statistics.median(s) for key, s in samples.items()}
+
+    for key in sorted(final_us, key=final_us.get):
+        rel = _final_check(bench, candidates[key], M)
+        if rel is not None:
+            tuned, dflt = final_us[key], final_us.get(config_key(default))
+            return {
+                "config": candidates[key],
+                "tuned_us": round(tuned, 3),
+                "default_us": None if dflt is None else round(dflt, 3),
+                "speedup": None if dflt is None else round(dflt / tuned, 4),
+                "trials": len(done),
+                "rel_err": rel,
+                "infeasible": sum(t.user_attrs.get("infeasible") is not None for t in done),
+                "finalists": len(final_us),
+            }
+    return None
+
+
+def _final_check(bench: Bench, config: Config, M: int) -> float | None:
+    """The last gate before a config enters a table: its rel_err at M, or None if it fails."""
+    try:
+        rel = bench.verify(config, M)
+    except Infeasible:
+        return None
+    return rel if rel <= bench.tolerance else None

@@ -1,0 +1,363 @@
+"""The tuner's logic against a synthetic objective (no kernel, no GPU): infeasible configs, warm
+starts, plateaus, the grid, finalists, durability across SIGKILL and Ctrl-C, and workers sharing a study."""
+
+from __future__ import annotations
+
+import functools
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import pytest
+from optuna.trial import TrialState
+
+from moetune.errors import MoetuneError, TableError
+from moetune.models import MoeShape
+from moetune.tables import default_config, load_sidecar, load_table, save_table
+from moetune.tuning.space import Space, config_key, space_for, to_config
+from moetune.tuning.study import (
+    PENALTY_US,
+    Settings,
+    finalize,
+    make_sampler,
+    open_storage,
+    plateaued,
+    recover_stale,
+    screen,
+    warm_starts,
+)
+from moetune.tuning.synthetic import SyntheticBench, synthetic_us
+from moetune.tuning.tuner import TableJob, tune_table
+
+SHAPE = MoeShape(E=8, N=14336, K=4096, top_k=2)  # Mixtral-8x7B at TP1: nothing is clamped but BLOCK_SIZE_M
+FAST = dict(screen_reps=1, final_reps=2, final_rounds=1, finalists=2)
+
+
+def make_job(tmp_path: Path, Ms: list[int], resume: bool = False) -> TableJob:
+    return TableJob(
+        path=tmp_path / "out" / "E=8,N=14336,device_name=Synthetic.json", storage=str(tmp_path / "journal.log"),
+        shape=SHAPE, dtype="bf16", model="mixtral-8x7b", tp=1, device="Synthetic", Ms=Ms, resume=resume,
+    )  # fmt: skip
+
+
+def memory_study(seed: int = 0) -> optuna.Study:
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return optuna.create_study(sampler=optuna.samplers.TPESampler(seed=seed, multivariate=True))
+
+
+def cfg(bm: int, bn: int, bk: int, g: int, w: int, s: int) -> dict[str, int]:
+    return dict(BLOCK_SIZE_M=bm, BLOCK_SIZE_N=bn, BLOCK_SIZE_K=bk, GROUP_SIZE_M=g, num_warps=w, num_stages=s)
+
+
+def trials_of(job: TableJob, M: int) -> list[optuna.trial.FrozenTrial]:
+    return optuna.load_study(study_name=job.study_name(M), storage=open_storage(job.storage)).trials
+
+
+# -------------------------------------------------------------------------------------------- space
+
+
+def test_space_holds_vllms_grid_and_the_default_configs():
+    space = space_for(4096, SHAPE)
+    configs = {config_key(c) for c in space.configs()}
+    for bm in (16, 32, 64, 128, 256):
+        for bn in (32, 64, 128, 256):
+            for bk in (64, 128, 256):
+                for g in (1, 16, 32, 64):
+                    for w in (4, 8):
+                        for s in (2, 3, 4, 5):
+                            assert config_key(cfg(bm, bn, bk, g, w, s)) in configs
+    for M in (1, 4096):
+        default = default_config(M, SHAPE.E)
+        assert to_config(space.params(default)) == default
+
+
+def test_block_m_above_the_token_count_is_clamped_but_never_below_64():
+    biggest = cfg(256, 64, 64, 1, 4, 3)
+    top = {M: to_config(space_for(M, SHAPE).params(biggest))["BLOCK_SIZE_M"] for M in (1, 64, 100, 4096)}
+    assert top == {1: 64, 64: 64, 100: 128, 4096: 256}
+
+
+def test_tiny_shapes_clamp_tiles_that_would_only_pad():
+    space = space_for(16, MoeShape(E=4, N=96, K=64, top_k=2))
+    assert to_config(space.params(cfg(16, 256, 256, 1, 4, 3)))["BLOCK_SIZE_K"] == 128  # max(K, N) = 96 -> 128
+
+
+# ---------------------------------------------------------------------------------------- screening
+
+
+def test_infeasible_configs_are_recorded_with_a_reason_and_a_penalty_never_as_failures():
+    study = memory_study()
+    space = space_for(4096, SHAPE)
+    bad = {
+        "predicted shared memory": cfg(256, 256, 256, 1, 4, 5),  # 5 * (64K + 64K) * 2 bytes
+        "synthetic compile error": cfg(16, 256, 256, 1, 8, 2),
+        "synthetic OutOfResources": cfg(256, 64, 64, 1, 4, 5),
+        "wrong result": cfg(64, 64, 64, 2, 4, 3),
+    }
+    for config in bad.values():
+        study.enqueue_trial(space.params(config))
+    settings = Settings(trials=12, smem_limit=300 * 1024, patience=100, **FAST)
+    screen(study, SyntheticBench(), 4096, space, settings)
+
+    assert len(study.trials) == 12
+    assert all(t.state == TrialState.COMPLETE for t in study.trials)
+    for (reason, config), t in zip(bad.items(), study.trials):
+        assert to_config(t.params) == config
+        assert reason in t.user_attrs["infeasible"] and t.value == PENALTY_US and t.user_attrs["us"] is None
+    assert study.best_trial.user_attrs["infeasible"] is None
+
+
+def test_a_config_suggested_again_reuses_its_measurement():
+    study = memory_study()
+    space = space_for(64, SHAPE)
+    for _ in range(3):
+        study.enqueue_trial(space.params(cfg(64, 128, 128, 16, 4, 3)))
+    log = []
+    bench = SyntheticBench()
+    bench.time = lambda c, M, reps: log.append(c) or synthetic_us(c, M)
+    screen(study, bench, 64, space, Settings(trials=3, **FAST))
+    assert len(log) == 1
+    assert [t.user_attrs.get("repeat_of") for t in study.trials] == [None, 0, 0]
+    assert len({t.value for t in study.trials}) == 1
+
+
+def test_an_M_stops_early_once_the_best_plateaus():
+    assert plateaued([5, 4, 4, 4, 4, 4], patience=4, min_gain=0.01)
+    assert not plateaued([5, 4, 4, 4, 3], patience=4, min_gain=0.01)
+    assert plateaued([5, 4, 3.99, 3.99, 3.99, 3.99], patience=4, min_gain=0.01)  # a 0.25% gain is no gain
+    study = memory_study()
+    screen(study, SyntheticBench(), 64, space_for(64, SHAPE), Settings(trials=300, patience=8, **FAST))
+    assert len(study.trials) < 300
+
+
+def test_grid_sampler_times_every_config_of_the_space_exactly_once():
+    space = Space((("BLOCK_SIZE_M_log2", 4, 5), ("BLOCK_SIZE_N_log2", 6, 7), ("BLOCK_SIZE_K_log2", 6, 7),
+                   ("GROUP_SIZE_M_log2", 4, 4), ("num_warps_log2", 2, 3), ("num_stages", 3, 4)))  # fmt: skip
+    settings = Settings(trials=None, sampler="grid", **FAST)
+    study = optuna.create_study(sampler=make_sampler(settings, space, 8, 0))
+    screen(study, SyntheticBench(), 8, space, settings)
+    seen = [config_key(to_config(t.params)) for t in study.trials]
+    assert len(seen) == space.size() == 32 and len(set(seen)) == 32
+    assert study.best_value == min(synthetic_us(c, 8) for c in space.configs())
+
+
+def test_finalists_are_retimed_so_a_lucky_screening_time_does_not_win():
+    lucky, solid = cfg(64, 128, 128, 16, 4, 3), cfg(64, 128, 128, 32, 4, 3)
+
+    class LuckyBench(SyntheticBench):
+        def time(self, config, M, reps):
+            if config == lucky:
+                return 1.0 if reps == 1 else 100.0  # one fast sample, slow for real
+            return 5.0 if config == solid else 50.0
+
+    study = memory_study()
+    space = space_for(64, SHAPE)
+    for c in (lucky, solid):
+        study.enqueue_trial(space.params(c))
+    settings = Settings(trials=2, **FAST)
+    screen(study, LuckyBench(), 64, space, settings)
+    assert study.best_trial.user_attrs["config"] == lucky
+    entry = finalize(study, LuckyBench(), 64, default_config(64, SHAPE.E), settings)
+    assert entry["config"] == solid
+    assert entry["tuned_us"] == 5.0 and entry["default_us"] == 50.0 and entry["speedup"] == 10.0
+
+
+def test_warm_starts_are_the_default_the_neighbours_and_the_existing_table():
+    a, b, old = cfg(32, 64, 64, 1, 4, 3), cfg(128, 128, 64, 16, 8, 4), cfg(64, 64, 128, 32, 4, 4)
+    starts = warm_starts(16, 8, finals={1: a, 8: a, 64: b, 256: b}, old_table={12: old, 4096: b})
+    assert starts == [("default", default_config(16, 8)), ("M=8", a), ("M=64", b), ("existing table", old)]
+
+
+def test_each_study_starts_from_its_warm_starts(tmp_path):
+    job = make_job(tmp_path, [1, 16])
+    old_1, old = cfg(16, 64, 128, 16, 4, 4), cfg(32, 64, 128, 32, 4, 4)
+    save_table(job.path, {1: old_1, 16: old})
+    tune_table(job, Settings(trials=5, **FAST), SyntheticBench)
+    first = trials_of(job, 16)[:3]
+    assert [t.user_attrs["warm_start"] for t in first] == ["default", "M=1", "existing table"]
+    finals = load_table(job.path)
+    assert [to_config(t.params) for t in first] == [default_config(16, 8), finals[1], old]
+
+
+# ---------------------------------------------------------------------------------------- the table
+
+
+def test_a_run_writes_a_valid_table_sidecar_and_trials_file(tmp_path):
+    job = make_job(tmp_path, [1, 64])
+    result = tune_table(job, Settings(trials=6, **FAST), SyntheticBench, trials_csv=tmp_path / "trials.csv")
+    assert sorted(result.done) == [1, 64] and not result.failed and not result.interrupted
+    table, sidecar = load_table(job.path), load_sidecar(job.path)
+    assert sorted(table) == [1, 64]
+    assert sidecar["timings_meaningful"] is False and sidecar["table"] == job.path.name
+    for M in (1, 64):
+        e = sidecar["entries"][str(M)]
+        assert e["config"] == table[M] and e["trials"] == 6
+        assert e["speedup"] == pytest.approx(e["default_us"] / e["tuned_us"], rel=1e-3)
+    df = pd.read_csv(tmp_path / "trials.csv")
+    assert len(df) == 12 and set(df["M"]) == {1, 64} and set(df["state"]) == {"COMPLETE"}
+    assert {"BLOCK_SIZE_M", "num_stages", "us", "infeasible"} <= set(df.columns)
+    assert not list(job.path.parent.glob(".*.tmp"))  # atomic writes leave no temporaries
+
+
+def test_the_time_budget_is_shared_over_the_table_and_every_M_still_gets_a_config(tmp_path):
+    job = make_job(tmp_path, [1, 16, 64])
+    settings = Settings(trials=1000, patience=1000, time_budget_s=1.5, **FAST)
+    t0 = time.monotonic()
+    result = tune_table(job, settings, functools.partial(SyntheticBench, delay_s=0.05))
+    assert time.monotonic() - t0 < 5
+    assert sorted(result.done) == [1, 16, 64]
+    assert all(3 <= len(trials_of(job, M)) < 30 for M in job.Ms)
+
+
+def test_a_second_run_on_the_same_storage_needs_resume(tmp_path):
+    tune_table(make_job(tmp_path, [1]), Settings(trials=2, **FAST), SyntheticBench)
+    with pytest.raises(MoetuneError, match="--resume"):
+        tune_table(make_job(tmp_path, [1]), Settings(trials=2, **FAST), SyntheticBench)
+    result = tune_table(make_job(tmp_path, [1], resume=True), Settings(trials=2, **FAST), SyntheticBench)
+    assert result.resumed == [1]
+
+
+def test_ctrl_c_keeps_finished_M_in_a_valid_table_and_loses_only_the_trial_in_flight(tmp_path):
+    calls = {64: 0}
+
+    class InterruptedBench(SyntheticBench):
+        def time(self, config, M, reps):
+            if M == 64 and (calls.update({64: calls[64] + 1}) or calls[64] == 2):
+                raise KeyboardInterrupt  # Ctrl-C while timing M=64's second trial
+            return synthetic_us(config, M)
+
+    job = make_job(tmp_path, [1, 64, 256])
+    result = tune_table(job, Settings(trials=4, **FAST), InterruptedBench)
+    assert result.interrupted and sorted(result.done) == [1]
+    assert sorted(load_table(job.path)) == [1] and sorted(load_sidecar(job.path)["entries"]) == ["1"]
+    states = [t.state for t in trials_of(job, 64)]
+    assert states.count(TrialState.FAIL) == 1 and TrialState.RUNNING not in states
+
+
+# ------------------------------------------------------------------------------ kill, resume, workers
+
+CHILD = textwrap.dedent("""
+    import functools, sys
+    from pathlib import Path
+    sys.path.insert(0, {tests!r})
+    from test_tuner import make_job, FAST
+    from moetune.tuning.synthetic import SyntheticBench
+    from moetune.tuning.study import Settings
+    from moetune.tuning.tuner import tune_table
+    job = make_job(Path({tmp!r}), [1, 2, 4, 8, 16])
+    tune_table(job, Settings(trials=6, patience=100, **FAST), functools.partial(SyntheticBench, delay_s=0.1, log_path={log!r}))
+""")
+
+
+def test_resume_after_sigkill_redoes_no_finished_M(tmp_path):
+    log = tmp_path / "first.log"
+    script = CHILD.format(tests=str(Path(__file__).parent), tmp=str(tmp_path), log=str(log))
+    child = subprocess.Popen([sys.executable, "-c", script])
+    job = make_job(tmp_path, [1, 2, 4, 8, 16], resume=True)
+    deadline = time.monotonic() + 60
+    finished: list[int] = []
+    try:
+        while len(finished) < 2:
+            assert child.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
+            if job.path.exists():
+                finished = sorted(load_table(job.path))  # never half-written: TableError would fail the test
+            time.sleep(0.02)
+        time.sleep(0.25)  # into the next M's trials
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    finished = sorted(load_table(job.path))
+    before = {M: len(trials_of(job, M)) for M in finished}
+    killed_M = min(set(job.Ms) - set(finished))
+    killed_trials = [t for t in trials_of(job, killed_M) if t.state == TrialState.COMPLETE]
+
+    relog = tmp_path / "resume.log"
+    bench = functools.partial(SyntheticBench, log_path=str(relog))
+    result = tune_table(job, Settings(trials=6, patience=100, **FAST), bench)
+    assert sorted(result.resumed) == finished and sorted(result.done) == job.Ms
+    redone = {int(line.split()[0]) for line in relog.read_text().splitlines()}
+    assert not redone & set(finished)
+    assert {M: len(trials_of(job, M)) for M in finished} == before
+    after = trials_of(job, killed_M)
+    kept = [t.number for t in after if t.state == TrialState.COMPLETE][: len(killed_trials)]
+    assert kept == [t.number for t in killed_trials]  # the killed M's finished trials were kept, not redone
+    assert sorted(load_table(job.path)) == job.Ms
+
+
+def test_two_worker_processes_share_one_study_without_duplicating_work(tmp_path):
+    log = tmp_path / "timings.log"
+    job = make_job(tmp_path, [64])
+    settings = Settings(trials=20, patience=100, screen_reps=1, final_reps=2, final_rounds=1, finalists=2)
+    # 0.5 s a timing: the coordinator alone would need 10 s, time enough for the spawned worker to join
+    result = tune_table(job, settings, functools.partial(SyntheticBench, delay_s=0.5, log_path=str(log)), workers=2)
+    assert sorted(result.done) == [64]
+    trials = trials_of(job, 64)
+    assert all(t.state == TrialState.COMPLETE for t in trials)
+    assert 20 <= len(trials) <= 21  # two workers may both take the last slot
+    assert len({t.user_attrs["owner"]["pid"] for t in trials}) == 2
+    screened = [line.split()[1:-1] for line in log.read_text().splitlines() if line.endswith(" 1")]
+    assert len(screened) == len(set(map(tuple, screened)))  # no config timed twice in screening
+    assert [t.number for t in trials if t.user_attrs.get("warm_start")] == [0]
+
+
+def test_a_trial_whose_process_died_is_retried_once_then_recorded_infeasible():
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    owner = {"host": os.uname().nodename, "pid": dead.pid}
+    study = memory_study()
+    dists = space_for(64, SHAPE).distributions()
+
+    first = study.ask(dists)
+    first.set_user_attr("owner", owner)
+    recover_stale(study)
+    assert study.trials[0].state == TrialState.FAIL
+    retry = study.ask(dists)  # pops the re-enqueued config
+    assert retry.params == first.params and retry.user_attrs["retry_of"] == 0
+    retry.set_user_attr("owner", owner)
+    recover_stale(study)
+    record = study.trials[-1]
+    assert record.state == TrialState.COMPLETE and record.value == PENALTY_US
+    assert "died" in record.user_attrs["infeasible"] and record.params == first.params
+    assert not [t for t in study.trials if t.state == TrialState.WAITING]
+
+
+def test_a_broken_existing_table_is_a_clear_error(tmp_path):
+    job = make_job(tmp_path, [1])
+    job.path.parent.mkdir(parents=True)
+    job.path.write_text("{not json")
+    with pytest.raises(TableError, match="not valid JSON"):
+        tune_table(job, Settings(trials=2, **FAST), SyntheticBench)
+
+
+class FakeCompiler:
+    """A compile-only bench for CompilePool: some configs fail, one hangs."""
+
+    def run_once(self, config, M):
+        if config["num_warps"] == 8:
+            raise RuntimeError("out of resource: shared memory, Required: 300000, Hardware limit: 232448")
+        if config["num_stages"] == 5:
+            time.sleep(60)
+
+    def synchronize(self):
+        pass
+
+
+def test_compile_pool_reports_errors_and_hangs_without_stopping():
+    from moetune.tuning.compile import CompilePool
+
+    pool = CompilePool(FakeCompiler, processes=3, timeout_s=3.0)
+    try:
+        good, bad, hung = cfg(64, 64, 64, 1, 4, 3), cfg(64, 64, 64, 1, 8, 3), cfg(64, 64, 64, 1, 4, 5)
+        reasons = pool.compile([good, bad, hung], M=16)
+        assert reasons[0] is None
+        assert reasons[1].startswith("RuntimeError: out of resource: shared memory")
+        assert "did not finish within 3 s" in reasons[2]
+        assert pool.compile([good], M=16) == [None]  # a fresh pool replaced the hung one
+    finally:
+        pool.close()

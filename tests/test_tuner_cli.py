@@ -1,0 +1,112 @@
+"""`moetune run` from the command line: clear one-line errors, and the whole pipeline end to end on
+the CPU (the real kernel through Triton's interpreter, a real Optuna study, table and sidecar)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from moetune.cli import main
+from moetune.tables import load_sidecar, load_table
+
+TINY_TABLE = "E=4,N=96,device_name=CPU_triton_interpreter.json"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--model", "mixtral-9x9b"], "unknown model 'mixtral-9x9b'"),
+        (["--model", "tiny", "--dtype", "int3"], "unknown dtype 'int3'"),
+        (["--model", "tiny", "--tp", "5"], "--tp 5 does not divide"),
+        (["--model", "tiny", "--batch-sizes", "1,x,16"], "--batch-sizes '1,x,16' is malformed"),
+        (["--model", "tiny", "--batch-sizes", "0,16"], "--batch-sizes '0,16' is malformed"),
+        (["--model", "tiny", "--trials", "-3"], "--trials must be at least 1"),
+        (["--model", "tiny", "--time-budget", "soon"], "--time-budget 'soon' is malformed"),
+        (["--model", "tiny", "--sampler", "random"], "unknown --sampler 'random'"),
+        ([], "which model?"),
+    ],
+)
+def test_bad_arguments_give_one_clear_line_and_exit_2(argv, message, capsys, tmp_path):
+    assert main(["run", *argv, "--output", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("moetune run: error: ") and message in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_a_real_model_without_a_gpu_suggests_tiny(capsys, tmp_path):
+    assert main(["run", "--model", "mixtral-8x7b", "--dtype", "fp8", "--output", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "no GPU found" in err and "--model tiny" in err and err.count("\n") == 1
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU path; on a GPU tiny tunes for real")
+def test_run_tiny_tunes_through_the_real_kernel_on_cpu_then_show_and_validate_read_it(tmp_path):
+    # The CLI must switch on Triton's interpreter itself, so the child starts without it.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run(
+        [sys.executable, "-m", "moetune.cli", "run", "--model", "tiny", "--batch-sizes", "1,16", "--trials", "3",
+         "--output", str(tmp_path / "tables"), "--run-dir", str(tmp_path / "run")],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "meaningless" in run.stdout and "2 M tuned" in run.stdout
+
+    table = tmp_path / "tables" / TINY_TABLE
+    configs, sidecar = load_table(table), load_sidecar(table)
+    assert sorted(configs) == [1, 16]
+    assert sidecar["timings_meaningful"] is False and sidecar["model"] == "tiny" and sidecar["dtype"] == "bf16"
+    for M in ("1", "16"):
+        e = sidecar["entries"][M]
+        assert e["rel_err"] <= 1e-2 and e["tuned_us"] > 0 and e["default_us"] > 0 and e["trials"] == 3
+    trials = pd.read_csv(tmp_path / "run" / "trials.csv")
+    assert len(trials) == 6 and set(trials["M"]) == {1, 16}
+    assert (tmp_path / "run" / "journal.log").exists()
+
+    show = subprocess.run([sys.executable, "-m", "moetune.cli", "show", str(table)], capture_output=True, text=True)
+    assert show.returncode == 0 and "speedup" in show.stdout and "meaningless" in show.stdout
+    validate = subprocess.run(
+        [sys.executable, "-m", "moetune.cli", "validate", str(tmp_path / "tables")], capture_output=True, text=True
+    )
+    assert validate.returncode == 0, validate.stderr
+    assert "2 configs ran right on this device" in validate.stdout
+
+    again = subprocess.run(
+        [sys.executable, "-m", "moetune.cli", "run", "--model", "tiny", "--batch-sizes", "1,16", "--trials", "3",
+         "--output", str(tmp_path / "tables"), "--run-dir", str(tmp_path / "run"), "--resume"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert again.returncode == 0 and "2 already done (resumed)" in again.stdout
+    assert load_table(table) == configs
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the table name holds this machine's device")
+def test_run_dir_and_storage_defaults_follow_the_table_name(tmp_path, monkeypatch):
+    from moetune.tuning import cli
+
+    seen = {}
+    fake = lambda job, settings, factory, **kw: seen.update(job=job, kw=kw) or cli.TableResult()
+    monkeypatch.setattr(cli, "tune_table", fake)
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", "--model", "tiny", "--dtype", "fp8", "--batch-sizes", "4,1,4"]) == 0
+    job = seen["job"]
+    stem = "E=4,N=96,device_name=CPU_triton_interpreter,dtype=fp8_w8a8"
+    assert job.path == Path("tuned_configs") / f"{stem}.json" and job.Ms == [1, 4]
+    assert job.storage == str(Path("runs") / stem / "journal.log")
+    assert seen["kw"]["trials_csv"] == Path("runs") / stem / "trials.csv"
+
+
+def test_a_second_run_on_the_same_run_folder_is_refused_while_the_first_runs(tmp_path, capsys):
+    from moetune.tuning.cli import run_dir_lock
+
+    with run_dir_lock(tmp_path / "run"):
+        argv = ["run", "--model", "tiny", "--run-dir", str(tmp_path / "run"), "--output", str(tmp_path)]
+        assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"another moetune run (pid {os.getpid()}) is using" in err and err.count("\n") == 1
