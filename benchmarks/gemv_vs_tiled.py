@@ -14,10 +14,10 @@ import itertools
 
 import pandas as pd
 
-from moetune.bench import Layer, parse_token_counts
-from moetune.kernels.reference import moe_reference, rel_err
+from moetune.bench import floor_us, parse_token_counts
 from moetune.models import get_model, moe_shape
-from moetune.timing import Ceilings, measure_ceilings, on_gpu, time_us
+from moetune.timing import Ceilings, measure_ceilings, on_gpu
+from moetune.tuning.bench import Infeasible, KernelBench
 
 TILED = [
     dict(BLOCK_SIZE_M=16, BLOCK_SIZE_N=bn, BLOCK_SIZE_K=bk, GROUP_SIZE_M=1, num_warps=w, num_stages=s)
@@ -27,18 +27,14 @@ GEMV = [
     dict(BLOCK_SIZE_M=16, BLOCK_SIZE_N=bn, BLOCK_SIZE_K=bk, GROUP_SIZE_M=1, num_warps=w, num_stages=s, kernel="gemv")
     for bn, bk, w, s in itertools.product((8, 16, 32), (128, 256, 512), (4, 8), (1, 2))
 ]
-TOL = {"bf16": 1e-2, "fp16": 1e-2, "fp8": 6e-2}
-
-
-def best(layer: Layer, x, logits, configs: list[dict], ref) -> tuple[float, dict]:
+def best(bench: KernelBench, M: int, configs: list[dict]) -> tuple[float, dict]:
     results = []
     for cfg in configs:
         try:
-            if rel_err(layer.run(x, logits, cfg), ref) > TOL[layer.dtype]:
-                continue
-            results.append((time_us(lambda: layer.run(x, logits, cfg), reps=20), cfg))  # noqa: B023
-        except Exception as e:  # a config that cannot compile (shared memory, registers) is skipped
-            print(f"  skip {cfg}: {type(e).__name__}")
+            if bench.verify(cfg, M) <= bench.tolerance:
+                results.append((bench.time(cfg, M, reps=20), cfg))
+        except Infeasible as e:  # a config that cannot compile (shared memory, registers) is skipped
+            print(f"  skip {cfg}: {e}")
     return min(results, key=lambda r: r[0])
 
 
@@ -50,15 +46,13 @@ def main() -> None:
     p.add_argument("--csv", default="runs/gemv_vs_tiled.csv")
     args = p.parse_args()
     shape = moe_shape(get_model(args.model))
-    layer = Layer(shape, args.dtype, "cuda" if on_gpu() else "cpu")
+    bench = KernelBench(shape, args.dtype)
     ceilings = measure_ceilings(args.dtype) if on_gpu() else Ceilings(3e12, 1e15)  # CPU: smoke test only
     rows = []
     for M in parse_token_counts(args.batch_sizes):
-        x, logits = layer.inputs(M, seed=M)
-        ref = moe_reference(x, logits, layer.w13, layer.w2, shape.top_k, **layer.scales)
-        tiled_us, tiled_cfg = best(layer, x, logits, TILED, ref)
-        gemv_us, gemv_cfg = best(layer, x, logits, GEMV, ref)
-        floor = layer.floor_us(logits, ceilings)
+        tiled_us, tiled_cfg = best(bench, M, TILED)
+        gemv_us, gemv_cfg = best(bench, M, GEMV)
+        floor = floor_us(bench, M, ceilings)
         rows.append(dict(M=M, tiled_us=tiled_us, gemv_us=gemv_us, gemv_speedup=tiled_us / gemv_us, floor_us=floor,
                          tiled_frac=floor / tiled_us, gemv_frac=floor / gemv_us,
                          tiled_cfg=str(tiled_cfg), gemv_cfg=str(gemv_cfg)))  # fmt: skip

@@ -15,14 +15,12 @@ import pandas as pd
 import torch
 
 from moetune.errors import MoetuneError
-from moetune.kernels.fused_moe import fused_moe, quantize_fp8_per_expert
-from moetune.kernels.reference import moe_reference, rel_err
-from moetune.models import DTYPES, MoeShape, check_dtype, get_model, moe_shape
+from moetune.models import check_dtype, get_model, moe_shape
 from moetune.tables import TOKEN_COUNTS, ConfigTable, default_config, find_table
-from moetune.timing import Ceilings, measure_ceilings, on_gpu, time_us
+from moetune.timing import Ceilings, measure_ceilings, on_gpu
+from moetune.tuning.bench import KernelBench
 
 BENCH_TOKEN_COUNTS = (1, 16, 64, 256, 1024, 4096)  # the M values of the issue's target table
-TOLERANCE = {"bf16": 1e-2, "fp16": 1e-2, "fp8": 6e-2}
 
 
 def parse_token_counts(text: str) -> list[int]:
@@ -47,52 +45,25 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reps", type=int, default=50, help="timed graph replays per config (median reported)")
 
 
-class Layer:
-    """Random weights at realistic scale for one rank's MoE layer, made on the device."""
-
-    def __init__(self, shape: MoeShape, dtype: str, device: str, seed: int = 0):
-        gen = torch.Generator(device=device).manual_seed(seed)
-        self.shape, self.dtype, self.device = shape, dtype, device
-        self.act_dtype, weight_dtype, _ = DTYPES[dtype]
-        E, N, K = shape.E, shape.N, shape.K
-        w13 = torch.randn(E, 2 * N, K, device=device, generator=gen, dtype=self.act_dtype) * K**-0.5
-        w2 = torch.randn(E, K, N, device=device, generator=gen, dtype=self.act_dtype) * N**-0.5
-        if weight_dtype == torch.float8_e4m3fn:
-            (self.w13, s13), (self.w2, s2) = quantize_fp8_per_expert(w13), quantize_fp8_per_expert(w2)
-            self.scales = dict(w13_scale=s13, w2_scale=s2)
-        else:
-            self.w13, self.w2, self.scales = w13, w2, {}
-        self.weight_bytes = self.w13.element_size()
-
-    def inputs(self, M: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-        gen = torch.Generator(device=self.device).manual_seed(seed)
-        x = torch.randn(M, self.shape.K, device=self.device, generator=gen).to(self.act_dtype)
-        logits = torch.randn(M, self.shape.E, device=self.device, generator=gen)
-        return x, logits
-
-    def run(self, x: torch.Tensor, logits: torch.Tensor, config: dict) -> torch.Tensor:
-        return fused_moe(x, logits, self.w13, self.w2, self.shape.top_k, config, **self.scales)
-
-    def floor_us(self, logits: torch.Tensor, ceilings: Ceilings) -> float:
-        s = self.shape
-        touched = torch.topk(logits, s.top_k, dim=-1).indices.unique().numel()
-        act_bytes = 2 * logits.shape[0] * s.K * torch.finfo(self.act_dtype).bits // 8  # x in, out
-        weight_bytes = touched * 3 * s.N * s.K * self.weight_bytes
-        flops = 2 * logits.shape[0] * s.top_k * 3 * s.N * s.K
-        return ceilings.floor_us(weight_bytes + act_bytes, flops)
+def floor_us(bench: KernelBench, M: int, ceilings: Ceilings) -> float:
+    """Roofline floor at M: the experts this routing actually touches, x in and out, and the FLOPs."""
+    s = bench.shape
+    x, logits = bench.inputs(M)
+    touched = torch.topk(logits, s.top_k, dim=-1).indices.unique().numel()
+    weight_bytes = touched * 3 * s.N * s.K * bench.w13.element_size()
+    flops = 2 * M * s.top_k * 3 * s.N * s.K
+    return ceilings.floor_us(weight_bytes + 2 * x.numel() * x.element_size(), flops)
 
 
-def bench_one(layer: Layer, M: int, table: ConfigTable, ceilings: Ceilings, reps: int) -> dict:
+def bench_one(bench: KernelBench, M: int, table: ConfigTable, ceilings: Ceilings, reps: int) -> dict:
     """One row: check the table's config against the reference at this M, then time both configs."""
-    x, logits = layer.inputs(M, seed=M)
-    tuned_cfg, default_cfg = table.pick(M), default_config(M, layer.shape.E)
-    ref = moe_reference(x, logits, layer.w13, layer.w2, layer.shape.top_k, **layer.scales)
-    err = rel_err(layer.run(x, logits, tuned_cfg), ref)
-    if err > TOLERANCE[layer.dtype]:
+    tuned_cfg, default_cfg = table.pick(M), default_config(M, bench.shape.E)
+    err = bench.verify(tuned_cfg, M)
+    if err > bench.tolerance:
         raise MoetuneError(f"M={M}: config {tuned_cfg} is wrong here (rel err {err:.3g}); fix the table entry")
-    default_us = time_us(lambda: layer.run(x, logits, default_cfg), reps=reps)
-    tuned_us = time_us(lambda: layer.run(x, logits, tuned_cfg), reps=reps) if table.path else default_us
-    floor = layer.floor_us(logits, ceilings)
+    default_us = bench.time(default_cfg, M, reps)
+    tuned_us = bench.time(tuned_cfg, M, reps) if table.path else default_us
+    floor = floor_us(bench, M, ceilings)
     return dict(
         M=M, default_us=default_us, table_us=tuned_us, speedup=default_us / tuned_us, floor_us=floor,
         frac_of_floor=floor / tuned_us, rel_err=err, config="/".join(str(tuned_cfg[k]) for k in tuned_cfg),
@@ -106,8 +77,7 @@ def bench_main(args: argparse.Namespace) -> int:
     if not on_gpu() and model.name != "tiny":
         raise MoetuneError("no CUDA GPU found: `moetune bench` times kernels on a GPU; --model tiny runs on a CPU")
     table = ConfigTable.load(args.table, shape.E) if args.table else find_table(shape, dtype)
-    device = "cuda" if on_gpu() else "cpu"
-    layer = Layer(shape, dtype, device)
+    bench = KernelBench(shape, dtype)
     ceilings = measure_ceilings(dtype) if on_gpu() else Ceilings(bandwidth=3.0e12, matmul_flops=1.0e15)
     print(f"{model.name} {dtype} tp={args.tp}: E={shape.E} N={shape.N} K={shape.K} top_k={shape.top_k}")
     print(f"table: {table.path or 'none found (tuned column = default)'}")
@@ -117,7 +87,7 @@ def bench_main(args: argparse.Namespace) -> int:
     else:
         print("CPU (Triton interpreter): timings and floors are meaningless; this only proves the pipeline runs")
 
-    df = pd.DataFrame([bench_one(layer, M, table, ceilings, args.reps) for M in counts])
+    df = pd.DataFrame([bench_one(bench, M, table, ceilings, args.reps) for M in counts])
     print(df.to_string(index=False, float_format=lambda v: f"{v:.3g}" if abs(v) < 1 else f"{v:.1f}"))
     out = args.csv or Path("runs/bench") / f"{model.name}-{dtype}-tp{args.tp}.csv"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -9,6 +9,7 @@ import importlib
 import logging
 import sys
 
+from moetune.device import use_interpreter_if_no_gpu
 from moetune.errors import MoetuneError
 
 SUBCOMMANDS = {
@@ -30,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    use_interpreter_if_no_gpu()  # before build_parser imports the subcommands, and with them the kernels
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
     module = importlib.import_module(SUBCOMMANDS[args.command][0])

@@ -8,8 +8,9 @@ import os
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from moetune.device import use_interpreter_if_no_gpu
+
+use_interpreter_if_no_gpu()
 
 from moetune.models import PRESETS  # noqa: E402
 

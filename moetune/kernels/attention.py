@@ -16,16 +16,16 @@ sequence's used blocks once, at full bandwidth:
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
+from moetune.kernels.interp import interpreting
+
 PARTITION_TOKENS = 128  # context tokens one program reads; 16 programs per KV head at 2048 tokens
 # triton.jit decides at definition time whether kernels run on the GPU or in the CPU interpreter
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+INTERPRETED = interpreting()
 
 
 @triton.jit

@@ -107,7 +107,7 @@ class KernelBench:
             )
             self._pool = CompilePool(factory, compile_workers, compile_timeout_s)
 
-    def _inputs(self, M: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def inputs(self, M: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The same x and router logits for every config of an M (only one M is kept at a time)."""
         if self._M != M:
             g = torch.Generator(self.device).manual_seed(self.seed * 1_000_003 + M)
@@ -121,7 +121,7 @@ class KernelBench:
     def _reference(self, M: int) -> torch.Tensor:
         from moetune.kernels.reference import moe_reference
 
-        x, logits = self._inputs(M)
+        x, logits = self.inputs(M)
         if self._ref is None:
             self._ref = moe_reference(x, logits, self.w13, self.w2, self.shape.top_k, self.s13, self.s2)
             if self.device.type == "cuda":  # hand the float32 weight copies back, for the compile processes
@@ -129,7 +129,7 @@ class KernelBench:
         return self._ref
 
     def run_once(self, config: Config, M: int) -> torch.Tensor:
-        x, logits = self._inputs(M)
+        x, logits = self.inputs(M)
         return self._fused_moe(x, logits, self.w13, self.w2, self.shape.top_k, config, self.s13, self.s2)
 
     def synchronize(self) -> None:

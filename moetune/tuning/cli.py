@@ -21,12 +21,6 @@ from moetune.tuning.bench import KernelBench, bytes_per_elem
 from moetune.tuning.study import Settings
 from moetune.tuning.tuner import TableJob, TableResult, tune_table
 
-# Triton fixes compiled-or-interpreted for good when it is first imported, and with no GPU only the
-# interpreter can run a kernel. The dispatcher imports this module before any subcommand that imports
-# Triton, so this is early enough. (Nothing imported above imports Triton.)
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
 # The interpreter runs a tiny layer in about a second; these keep `moetune run --model tiny` short.
 CPU_BATCH_SIZES = (1, 16, 64)
 CPU_TRIALS = 6
