@@ -9,49 +9,12 @@ from moetune.kernels.reference import rel_err
 from moetune.runtime import EngineConfig, LLMEngine, SamplingParams
 from moetune.runtime import model_runner as model_runner_module
 
+SENTENCE = [349, 264, 1369, 302, 1133, 1552, 5123, 28725, 395, 1215, 28723]
 PROMPTS = [
     [1, 22557, 28725, 19630, 434, 282, 28808],
     [1, 415, 2936, 9060, 285, 1142, 461, 10575, 754, 272, 17898, 3914, 28723, 415, 2936, 9060, 285, 1142],
     [1, 330],
-    [
-        1,
-        1014,
-        349,
-        264,
-        1369,
-        302,
-        1133,
-        1552,
-        5123,
-        28725,
-        395,
-        1215,
-        28723,
-        851,
-        349,
-        264,
-        1369,
-        302,
-        1133,
-        1552,
-        5123,
-        28725,
-        395,
-        1215,
-        28723,
-        851,
-        349,
-        264,
-        1369,
-        302,
-        1133,
-        1552,
-        5123,
-        28725,
-        395,
-        1215,
-        28723,
-    ],
+    [1, 1014] + SENTENCE + ([851] + SENTENCE) * 2,  # one sentence three times: a longer prompt
     [1, 6312, 28709, 28808, 16693],
 ]
 

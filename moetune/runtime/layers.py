@@ -166,6 +166,17 @@ class MoeTables:
         return self.tuned if self.use_tuned else self.untuned
 
 
+@dataclass(frozen=True)
+class Build:
+    """How every layer is built: activation and expert dtypes, device, MoE backend, the shared tables."""
+
+    act_dtype: torch.dtype
+    expert_dtype: torch.dtype
+    device: torch.device
+    moe_backend: str
+    tables: MoeTables
+
+
 def _fused_moe() -> Callable[..., Tensor]:
     try:
         from moetune.kernels.fused_moe import fused_moe
@@ -177,18 +188,12 @@ def _fused_moe() -> Callable[..., Tensor]:
 class SparseMoeBlock(nn.Module):
     """Router softmax in float32 -> top-k -> renormalise -> experts, all inside fused_moe (or the reference)."""
 
-    def __init__(
-        self,
-        spec: ModelSpec,
-        act_dtype: torch.dtype,
-        expert_dtype: torch.dtype,
-        device: torch.device,
-        backend: str,
-        tables: MoeTables,
-    ):
+    def __init__(self, spec: ModelSpec, build: Build):
         super().__init__()
         E, H, self.N = spec.num_experts, spec.hidden_size, spec.intermediate_size // TP_SIZE
-        self.top_k, self.backend, self.tables, self.act_dtype = spec.top_k, backend, tables, act_dtype
+        self.top_k, self.backend, self.tables = spec.top_k, build.moe_backend, build.tables
+        self.act_dtype = act_dtype = build.act_dtype
+        expert_dtype, device = build.expert_dtype, build.device
         self.gate = new_param((E, H), act_dtype, device)  # router: replicated on every rank
         self.w13 = new_param((E, 2 * self.N, H), expert_dtype, device, self._load_expert)  # gate rows, then up
         self.w2 = new_param((E, H, self.N), expert_dtype, device, self._load_expert)
@@ -196,7 +201,7 @@ class SparseMoeBlock(nn.Module):
         self.w13_scale = new_param((E,), torch.float32, device) if self.fp8 else None
         self.w2_scale = new_param((E,), torch.float32, device) if self.fp8 else None
         self._staged: dict[int, tuple[Tensor, set[str]]] = {}  # fp8: w1/w3 of an expert until both arrive
-        self.fused_moe = _fused_moe() if backend == "triton" else None
+        self.fused_moe = _fused_moe() if self.backend == "triton" else None
 
     def _load_expert(self, param: nn.Parameter, loaded: Tensor, shard_id: tuple[str, int]) -> None:
         which, e = shard_id

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moetune.models import ModelSpec
-from moetune.runtime.layers import Attention, MoeTables, RMSNorm, RotaryEmbedding, SparseMoeBlock, new_param
+from moetune.runtime.layers import Attention, Build, RMSNorm, RotaryEmbedding, SparseMoeBlock, new_param
 
 
 class Embedding(nn.Module):  # vocabulary sharding would go here for TP > 1; Mixtral's is small enough to replicate
@@ -24,21 +24,13 @@ class Embedding(nn.Module):  # vocabulary sharding would go here for TP > 1; Mix
 
 
 class DecoderLayer(nn.Module):
-    def __init__(
-        self,
-        spec: ModelSpec,
-        rotary: RotaryEmbedding,
-        act_dtype: torch.dtype,
-        expert_dtype: torch.dtype,
-        device: torch.device,
-        backend: str,
-        tables: MoeTables,
-    ):
+    def __init__(self, spec: ModelSpec, rotary: RotaryEmbedding, build: Build):
         super().__init__()
-        self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, act_dtype, device)
-        self.self_attn = Attention(spec, rotary, act_dtype, device)
-        self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, act_dtype, device)
-        self.block_sparse_moe = SparseMoeBlock(spec, act_dtype, expert_dtype, device, backend, tables)
+        dtype, device = build.act_dtype, build.device
+        self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype, device)
+        self.self_attn = Attention(spec, rotary, dtype, device)
+        self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype, device)
+        self.block_sparse_moe = SparseMoeBlock(spec, build)
 
     def forward(self, positions: Tensor, x: Tensor, residual: Tensor | None) -> tuple[Tensor, Tensor]:
         if residual is None:
@@ -51,23 +43,12 @@ class DecoderLayer(nn.Module):
 
 
 class MixtralModel(nn.Module):
-    def __init__(
-        self,
-        spec: ModelSpec,
-        max_positions: int,
-        act_dtype: torch.dtype,
-        expert_dtype: torch.dtype,
-        device: torch.device,
-        backend: str,
-        tables: MoeTables,
-    ):
+    def __init__(self, spec: ModelSpec, max_positions: int, build: Build):
         super().__init__()
-        self.embed_tokens = Embedding(spec.vocab_size, spec.hidden_size, act_dtype, device)
-        rotary = RotaryEmbedding(spec.head_dim, max_positions, spec.rope_theta, device)
-        self.layers = nn.ModuleList(
-            DecoderLayer(spec, rotary, act_dtype, expert_dtype, device, backend, tables) for _ in range(spec.num_layers)
-        )
-        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, act_dtype, device)
+        self.embed_tokens = Embedding(spec.vocab_size, spec.hidden_size, build.act_dtype, build.device)
+        rotary = RotaryEmbedding(spec.head_dim, max_positions, spec.rope_theta, build.device)
+        self.layers = nn.ModuleList(DecoderLayer(spec, rotary, build) for _ in range(spec.num_layers))
+        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, build.act_dtype, build.device)
 
     def forward(self, input_ids: Tensor, positions: Tensor) -> Tensor:
         x, residual = self.embed_tokens(input_ids), None  # [T, H]
@@ -77,20 +58,11 @@ class MixtralModel(nn.Module):
 
 
 class MixtralForCausalLM(nn.Module):
-    def __init__(
-        self,
-        spec: ModelSpec,
-        max_positions: int,
-        act_dtype: torch.dtype,
-        expert_dtype: torch.dtype,
-        device: torch.device,
-        backend: str,
-        tables: MoeTables,
-    ):
+    def __init__(self, spec: ModelSpec, max_positions: int, build: Build):
         super().__init__()
         self.spec = spec
-        self.model = MixtralModel(spec, max_positions, act_dtype, expert_dtype, device, backend, tables)
-        self.lm_head = Embedding(spec.vocab_size, spec.hidden_size, act_dtype, device)
+        self.model = MixtralModel(spec, max_positions, build)
+        self.lm_head = Embedding(spec.vocab_size, spec.hidden_size, build.act_dtype, build.device)
 
     def forward(self, input_ids: Tensor, positions: Tensor) -> Tensor:  # [T] -> hidden states [T, H]
         return self.model(input_ids, positions)

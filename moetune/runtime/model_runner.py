@@ -22,7 +22,7 @@ from moetune.models import ModelSpec
 from moetune.runtime.block_manager import blocks_for
 from moetune.runtime.config import RUNTIME_DTYPES, EngineConfig
 from moetune.runtime.context import Context, reset_context, set_context
-from moetune.runtime.layers import MoeTables
+from moetune.runtime.layers import Build, MoeTables
 from moetune.runtime.loader import load_safetensors
 from moetune.runtime.model import MixtralForCausalLM
 from moetune.runtime.sampling import sample
@@ -41,9 +41,8 @@ class ModelRunner:
         self.dtype, expert_dtype = RUNTIME_DTYPES[cfg.dtype]
         self.block_size = cfg.kvcache_block_size
         self.max_blocks = blocks_for(cfg.max_model_len, self.block_size)  # block-table width
-        self.model = MixtralForCausalLM(
-            spec, cfg.max_model_len, self.dtype, expert_dtype, self.device, cfg.moe_backend, tables
-        )
+        build = Build(self.dtype, expert_dtype, self.device, cfg.moe_backend, tables)
+        self.model = MixtralForCausalLM(spec, cfg.max_model_len, build)
         t0 = time.perf_counter()
         if cfg.load_format == "dummy":
             self.model.init_dummy(cfg.seed)
