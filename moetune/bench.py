@@ -91,7 +91,8 @@ def bench_main(args: argparse.Namespace) -> int:
     print(df.to_string(index=False, float_format=lambda v: f"{v:.3g}" if abs(v) < 1 else f"{v:.1f}"))
     out = args.csv or Path("runs/bench") / f"{model.name}-{dtype}-tp{args.tp}.csv"
     out.parent.mkdir(parents=True, exist_ok=True)
-    df.assign(device=torch.cuda.get_device_name() if on_gpu() else "cpu-interpreter",
-              torch=torch.__version__).to_csv(out, index=False)  # fmt: skip
+    device = torch.cuda.get_device_name().replace(" ", "_") if on_gpu() else "CPU_triton_interpreter"
+    meta = dict(model=model.name, dtype=dtype, tp=args.tp, E=shape.E, N=shape.N, device=device, torch=torch.__version__)
+    df.assign(**meta).to_csv(out, index=False)
     print(f"wrote {out}")
     return 0
