@@ -44,7 +44,8 @@ def _moe_gemm_kernel(
     BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr,
     GROUP_SIZE_M: tl.constexpr,
     A_ROW_DIV: tl.constexpr,  # GEMM1 reads token = slot // top_k; GEMM2 reads its own slot row (1)
-    MUL_ROUTED_WEIGHT: tl.constexpr, USE_FP8: tl.constexpr, EVEN_K: tl.constexpr, INTERPRETED: tl.constexpr,
+    MUL_ROUTED_WEIGHT: tl.constexpr, USE_FP8: tl.constexpr, EVEN_K: tl.constexpr,
+    INTERPRETED: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):
     """C[slot, :] = A[slot // A_ROW_DIV, :] @ B[expert].T for one BLOCK_SIZE_M x BLOCK_SIZE_N tile."""
     pid = tl.program_id(0)
@@ -83,7 +84,7 @@ def _moe_gemm_kernel(
             k_left = K - k * BLOCK_SIZE_K
             a = tl.load(a_ptrs, mask=slot_ok[:, None] & (offs_k[None, :] < k_left), other=0.0)
             b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
-        if INTERPRETED and a.dtype == tl.bfloat16:  # the CPU interpreter's bf16 dot is wrong
+        if UPCAST_DOT:  # bf16 under the CPU interpreter, whose bf16 dot is wrong
             acc += tl.dot(a.to(tl.float32), b.to(tl.float32))
         else:
             acc = tl.dot(a, b, acc)
@@ -187,7 +188,7 @@ def _moe_gemm(
         a_scale.stride(0) if use_fp8 and a_scale.numel() > 1 else 0,  # per-row scale, or per-tensor
         BLOCK_SIZE_M=bm, BLOCK_SIZE_N=bn, BLOCK_SIZE_K=bk, GROUP_SIZE_M=config["GROUP_SIZE_M"],
         A_ROW_DIV=a_row_div, MUL_ROUTED_WEIGHT=mul_routed_weight, USE_FP8=use_fp8,
-        EVEN_K=K % bk == 0, INTERPRETED=interpreting(),
+        EVEN_K=K % bk == 0, INTERPRETED=interpreting(), UPCAST_DOT=interpreting() and a.dtype == torch.bfloat16,
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )  # fmt: skip
 
