@@ -1,0 +1,114 @@
+"""Compile every Triton kernel of moetune for an H100/H200 (sm_90) on this CPU-only machine.
+
+Triton's wheel carries ptxas, so a kernel can go all the way to a cubin without a GPU. That catches
+what the interpreter cannot: code the GPU compiler rejects, and which instructions (wgmma) it picks.
+Run as a script with TRITON_INTERPRET unset (the interpreter replaces kernels with Python objects);
+prints one JSON object per kernel variant.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+assert os.environ.get("TRITON_INTERPRET", "0") != "1", "unset TRITON_INTERPRET: compiling needs real kernels"
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from moetune.kernels import attention, fused_moe, moe_gemv, routing  # noqa: E402
+from moetune.tables import default_config  # noqa: E402
+
+HOPPER = GPUTarget("cuda", 90, 32)
+
+
+# Mixtral-8x7B TP1 sizes and strides (K=4096, N=14336), for the int arguments Triton specialises on
+MIXTRAL_INTS = dict(N=14336, K=4096, stride_am=4096, stride_ak=1, stride_be=28672 * 4096, stride_bn=4096,
+                    stride_bk=1, stride_cm=28672, stride_cn=1, stride_as=0, stride_h=28672, stride_out=14336,
+                    stride_xt=4096, stride_we=28672 * 4096, stride_wn=4096, stride_wk=14336, stride_ot=4096)  # fmt: skip
+
+
+def compile_for_hopper(kernel, types: dict[str, str], constexprs: dict, num_warps: int = 4, num_stages: int = 3):
+    """Compile as a launch on Mixtral-sized tensors would: Triton's JIT specialises pointers as 16-byte
+    aligned, an int equal to 1 as a constant and an int divisible by 16 as such. Without those hints
+    loads cannot become cp.async and the software pipeline (num_stages) silently does nothing.
+    Arguments not named in types or constexprs are int32 scalars (token-dependent sizes)."""
+    consts = dict(constexprs)
+    consts.update({n: 1 for n in kernel.arg_names if MIXTRAL_INTS.get(n) == 1 and n not in types})
+    signature = {n: "constexpr" if n in consts else types.get(n, "i32") for n in kernel.arg_names}
+    aligned = [n for n in kernel.arg_names if n not in consts and
+               (signature[n].startswith("*") or MIXTRAL_INTS.get(n, 1) % 16 == 0)]  # fmt: skip
+    attrs = {(kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+    src = ASTSource(fn=kernel, signature=signature, constexprs={(kernel.arg_names.index(n),): v
+                                                                for n, v in consts.items()}, attrs=attrs)  # fmt: skip
+    return triton.compile(src, target=HOPPER, options=dict(num_warps=num_warps, num_stages=num_stages))
+
+
+def gemm_variants():
+    tuned = dict(BLOCK_SIZE_M=64, BLOCK_SIZE_N=128, BLOCK_SIZE_K=128, GROUP_SIZE_M=16, num_warps=8, num_stages=4)
+    for dtype in ("bf16", "fp16", "fp8"):
+        w = "fp8e4nv" if dtype == "fp8" else dtype
+        act = "bf16" if dtype == "fp8" else dtype
+        for name, cfg in (("default-small-M", default_config(1, 8)), ("default-large-M", default_config(64, 8)),
+                          ("tuned-like", tuned)):  # fmt: skip
+            for gemm, a_type, row_div, routed in (("gemm1", w, 2, False), ("gemm2", w, 1, True)):
+                types = {"a_ptr": f"*{a_type}", "b_ptr": f"*{w}", "c_ptr": f"*{act}", "a_scale_ptr": "*fp32",
+                         "b_scale_ptr": "*fp32", "topk_weights_ptr": "*fp32", "sorted_ids_ptr": "*i32",
+                         "expert_ids_ptr": "*i32", "num_padded_ptr": "*i32"}  # fmt: skip
+                consts = {k: cfg[k] for k in ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "GROUP_SIZE_M")}
+                consts.update(A_ROW_DIV=row_div, MUL_ROUTED_WEIGHT=routed, USE_FP8=dtype == "fp8", EVEN_K=True,
+                              INTERPRETED=False, UPCAST_DOT=False)  # fmt: skip
+                yield (f"moe_gemm/{dtype}/{gemm}/{name}", fused_moe._moe_gemm_kernel, types, consts,
+                       cfg["num_warps"], cfg["num_stages"])  # fmt: skip
+
+
+def other_variants():
+    for align in (True, False):
+        yield (f"route_align/align={align}", routing._route_align_kernel,
+               {"logits_ptr": "*fp32", "weights_ptr": "*fp32", "ids_ptr": "*i32", "sorted_ids_ptr": "*i32",
+                "expert_ids_ptr": "*i32", "num_padded_ptr": "*i32"},
+               dict(TOP_K=2, BLOCK_M=64, E_PAD=8, BLOCK_T=128, BLOCK_S=256, BLOCK_FILL=1024, ALIGN=align), 4, 1)  # fmt: skip
+    for out, quant in (("bf16", False), ("fp8e4nv", True)):
+        yield (f"silu_mul/{out}", fused_moe._silu_mul_kernel,
+               {"h_ptr": "*bf16", "out_ptr": f"*{out}", "scale_ptr": "*fp32"},
+               dict(BLOCK_N=1024, QUANT_FP8=quant, INTERPRETED=False), 4, 1)  # fmt: skip
+    yield "absmax", fused_moe._absmax_kernel, {"x_ptr": "*bf16", "amax_ptr": "*fp32"}, dict(BLOCK=1024), 4, 1
+    yield ("quant_fp8", fused_moe._quant_fp8_kernel,
+           {"x_ptr": "*bf16", "out_ptr": "*fp8e4nv", "amax_ptr": "*fp32", "scale_ptr": "*fp32"},
+           dict(BLOCK=1024, INTERPRETED=False), 4, 1)  # fmt: skip
+    for w in ("bf16", "fp8e4nv"):
+        fp8 = w == "fp8e4nv"
+        yield (f"gemv_gate_up/{w}", moe_gemv._gemv_gate_up_kernel,
+               {"x_ptr": "*bf16", "w_ptr": f"*{w}", "w_scale_ptr": "*fp32", "ids_ptr": "*i32", "act_ptr": "*fp32"},
+               dict(TOP_K=2, BLOCK_N=16, BLOCK_K=256, USE_FP8=fp8), 4, 2)  # fmt: skip
+        yield (f"gemv_down/{w}", moe_gemv._gemv_down_kernel,
+               {"act_ptr": "*fp32", "w_ptr": f"*{w}", "w_scale_ptr": "*fp32", "ids_ptr": "*i32",
+                "topk_weights_ptr": "*fp32", "out_ptr": "*bf16"},
+               dict(TOP_K=2, BLOCK_N=16, BLOCK_K=256, USE_FP8=fp8, INTERPRETED=False), 4, 2)  # fmt: skip
+    yield ("decode_attention/partition", attention._decode_partition_kernel,
+           {"q_ptr": "*bf16", "k_cache_ptr": "*bf16", "v_cache_ptr": "*bf16", "block_tables_ptr": "*i32",
+            "context_lens_ptr": "*i32", "m_ptr": "*fp32", "l_ptr": "*fp32", "acc_ptr": "*fp32", "scale": "fp32"},
+           dict(GROUP=4, GROUP_PAD=4, HEAD_DIM=128, BLOCK_D=128, BLOCK_SIZE=16, PARTITION_BLOCKS=8), 4, 2)  # fmt: skip
+    yield ("decode_attention/merge", attention._decode_merge_kernel,
+           {"out_ptr": "*bf16", "m_ptr": "*fp32", "l_ptr": "*fp32", "acc_ptr": "*fp32", "context_lens_ptr": "*i32"},
+           dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_SIZE=16, PARTITION_BLOCKS=8, P_PAD=32), 4, 1)  # fmt: skip
+
+
+def main() -> None:
+    only = sys.argv[1] if len(sys.argv) > 1 else ""
+    for name, kernel, types, consts, warps, stages in [*gemm_variants(), *other_variants()]:
+        if only not in name:
+            continue
+        try:
+            k = compile_for_hopper(kernel, types, consts, warps, stages)
+            row = dict(name=name, ok=True, shared=k.metadata.shared, wgmma="wgmma" in k.asm["ptx"],
+                       cp_async="cp.async" in k.asm["ptx"], stages=stages)  # fmt: skip
+        except Exception as e:  # reported, not raised: the test names every kernel that fails
+            row = dict(name=name, ok=False, error=f"{type(e).__name__}: {str(e)[:300]}")
+        print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()
