@@ -131,3 +131,25 @@ def test_validate_runs_this_devices_tables_through_the_kernel_and_reports_wrong_
     monkeypatch.setattr(KernelBench, "verify", lambda self, config, M: 0.5)
     assert main(["validate", str(tmp_path)]) == 1
     assert "M=1: wrong result, rel_err 0.5" in capsys.readouterr().err
+
+
+def test_validate_runs_a_sidecar_config_with_knobs_vllm_lacks(tmp_path, capsys, monkeypatch):
+    """A sidecar may give our kernel its own config for an M (e.g. the decode GEMV path) while the
+    table keeps a six-knob one for vLLM: validate accepts that and runs the sidecar's config."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("CPU_triton_interpreter tables only run on a machine without a GPU")
+    name = "E=4,N=96,device_name=CPU_triton_interpreter.json"
+    gemv = dict(A, BLOCK_SIZE_N=16, BLOCK_SIZE_K=32, kernel="gemv")
+    side = sidecar_for(name, {1: gemv}) | {"device": "CPU_triton_interpreter", "dtype": "bf16", "model": "tiny"}
+    side["shape"] = {"E": 4, "N": 96, "K": 64, "top_k": 2, "tp": 1}
+    save_table(tmp_path / name, {1: A}, side)
+    ran = []
+    from moetune.tuning.bench import KernelBench
+
+    real_verify = KernelBench.verify
+    monkeypatch.setattr(KernelBench, "verify", lambda self, config, M: ran.append(config) or real_verify(self, config, M))
+    assert main(["validate", str(tmp_path)]) == 0
+    assert "1 configs ran right on this device" in capsys.readouterr().out
+    assert ran == [gemv]
