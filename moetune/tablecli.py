@@ -88,15 +88,8 @@ def add_validate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("dir", nargs="?", help="folder of tables (default: the tables shipped with moetune)")
 
 
-def default_tables_dir() -> Path:
-    try:
-        return packaged_tables_dir()
-    except ModuleNotFoundError:  # a source checkout that is not installed: the folder beside the package
-        return Path(__file__).resolve().parent.parent / "tuned_configs"
-
-
 def validate_main(args: argparse.Namespace) -> int:
-    folder = Path(args.dir) if args.dir else default_tables_dir()
+    folder = Path(args.dir) if args.dir else packaged_tables_dir()
     if not folder.is_dir():
         raise MoetuneError(f"{folder} is not a folder; pass the folder that holds the tables")
     tables, problems, verified = validate_folder(folder)

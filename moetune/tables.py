@@ -79,9 +79,19 @@ def default_config(M: int, E: int) -> Config:
 # ----------------------------------------------------------------------------------------------- schema
 
 
+def data_dir(name: str) -> Path:
+    """schemas/ or tuned_configs/: inside an installed wheel they are moetune.<name>; in a source
+    checkout on PYTHONPATH (as on the GPU machine, where nothing is pip-installed) they sit beside
+    the package."""
+    try:
+        return Path(str(resources.files(f"moetune.{name}")))
+    except ModuleNotFoundError:
+        return Path(__file__).resolve().parent.parent / name
+
+
 @functools.cache
 def _schema(name: str) -> dict:
-    return json.loads(resources.files("moetune.schemas").joinpath(name).read_text())
+    return json.loads((data_dir("schemas") / name).read_text())
 
 
 def _describe(error: jsonschema.ValidationError) -> str:
@@ -187,7 +197,7 @@ def nearest(keys: Iterable[int], M: int) -> int:
 
 
 def packaged_tables_dir() -> Path:
-    return Path(str(resources.files("moetune.tuned_configs")))
+    return data_dir("tuned_configs")
 
 
 def search_folders(extra: Iterable[str | os.PathLike] = ()) -> list[Path]:

@@ -34,3 +34,15 @@ def test_installed_package_finds_its_tables_folder():
     from moetune.tables import packaged_tables_dir
 
     assert (packaged_tables_dir() / "__init__.py").exists()
+
+
+def test_data_folders_are_found_from_a_source_checkout_that_is_not_installed(monkeypatch):
+    """On the GPU machine moetune runs from PYTHONPATH: moetune.schemas does not exist as a module."""
+    from moetune import tables
+
+    def not_installed(name):
+        raise ModuleNotFoundError(name)
+
+    monkeypatch.setattr(tables.resources, "files", not_installed)
+    assert tables.data_dir("schemas") == ROOT / "schemas"
+    assert tables.packaged_tables_dir() == ROOT / "tuned_configs"
