@@ -3,7 +3,8 @@
 #   bash benchmarks/gpu_session.sh kernel   # GPU tests, bench fp8+bf16 default configs, GEMV vs tiled
 #   bash benchmarks/gpu_session.sh tune     # moetune run fp8 (8-minute budget), then bench with the table
 #   bash benchmarks/gpu_session.sh serve    # python -m moetune.serve, fp8, default vs tuned
-# Needs .whl/ (../shared/tools/device-wheels.sh) carried along. Everything lands in $OUT/results.tar.gz.
+# Needs .whl/ (benchmarks/prepare_device_wheels.sh) carried along; all results land in $OUT/results-<stage>.tar.gz.
+# The serve stage reads the tune stage's table from tuned_configs/: commit it there first.
 set -uo pipefail
 stage=${1:?stage: kernel, tune or serve}
 OUT=${OUT:-/tmp/out}
