@@ -86,6 +86,18 @@ def test_decode_gemv_path_matches_reference(dtype, T, top_k):
         assert err < 1e-2
 
 
+def test_expert_count_that_is_not_a_power_of_two():
+    check(T=29, E=6, N=64, K=64, top_k=2, dtype="fp16", cfg=config(16))
+
+
+def test_non_contiguous_activations():
+    x, logits, w13, w2, _ = make_layer(12, 4, 32, 64, "fp16", 3)
+    wide = torch.zeros(12, 128, dtype=x.dtype, device=x.device)
+    wide[:, ::2] = x  # same values, row stride 128 and column stride 2
+    out = fm.fused_moe(wide[:, ::2], logits, w13, w2, 2, config(16))
+    assert rel_err(out, moe_reference(x, logits, w13, w2, 2)) < TOL["fp16"]
+
+
 def test_k_and_n_not_multiples_of_the_blocks():
     check(T=23, E=4, N=72, K=80, top_k=2, dtype="fp16", cfg=config(32, bn=64, bk=64))
 
@@ -106,7 +118,7 @@ def test_zero_tokens_returns_empty():
 
 
 @pytest.mark.parametrize("bm", [16, 64])
-@pytest.mark.parametrize("T,E,top_k", [(1, 8, 2), (37, 8, 2), (300, 4, 1), (5, 16, 3)])
+@pytest.mark.parametrize("T,E,top_k", [(1, 8, 2), (37, 8, 2), (300, 4, 1), (5, 16, 3), (11, 6, 2)])
 def test_alignment_groups_every_slot_once_by_expert(T, E, top_k, bm):
     logits = torch.randn(T, E, device=DEVICE)
     weights, ids, sorted_ids, expert_ids, num_padded = route_and_align(logits, top_k, bm, alloc=poisoned_alloc)
