@@ -63,7 +63,9 @@ class MoeShape:
 
 def moe_shape(model: ModelSpec, tp: int = 1) -> MoeShape:
     """vLLM shards each expert's intermediate dimension evenly over the TP ranks."""
-    if tp < 1 or model.intermediate_size % tp:
+    if tp < 1:
+        raise MoetuneError(f"--tp {tp}: the tensor-parallel degree must be at least 1")
+    if model.intermediate_size % tp:
         raise MoetuneError(
             f"--tp {tp} does not divide {model.name}'s intermediate size {model.intermediate_size}; "
             f"use a divisor such as 1, 2, 4 or 8"

@@ -61,6 +61,10 @@ def open_storage(spec: str) -> BaseStorage:
     if "://" in spec:
         try:
             return optuna.storages.RDBStorage(spec)
+        except ImportError:
+            driver = {"postgresql": "psycopg2-binary", "mysql": "PyMySQL"}.get(spec.split(":")[0].split("+")[0])
+            fix = f"`pip install {driver}`" if driver else "install the database driver SQLAlchemy needs for it"
+            raise MoetuneError(f"cannot open --storage {spec}: its database driver is missing; {fix}") from None
         except Exception as e:
             raise MoetuneError(f"cannot open --storage {spec}: {describe(e)}") from None
     Path(spec).parent.mkdir(parents=True, exist_ok=True)
