@@ -101,3 +101,24 @@ def test_no_compare_without_port_is_a_usage_error():
     with pytest.raises(SystemExit) as e:
         main(["--model", "tiny", "--no-compare"])
     assert e.value.code == 2
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--port", "99999"], "argument --port: a port is 0..65535"),
+        (["--context-len", "0"], "argument --context-len: expected a positive integer, got 0"),
+        (["--max-model-len", "x"], "argument --max-model-len: expected a positive integer, got 'x'"),
+        (["--batch-sizes", "1,y"], "argument --batch-sizes: expected comma-separated integers"),
+    ],
+)
+def test_bad_arguments_are_usage_errors_that_name_the_argument(args, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--model", "tiny", *args])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_missing_tuned_configs_folder_is_one_clear_line(capsys):
+    assert main(["--model", "tiny", "--tuned-configs", "/no/such/folder", "--port", "0", "--no-compare"]) == 2
+    err = capsys.readouterr().err
+    assert "tuned_configs folder /no/such/folder does not exist" in err and "Traceback" not in err

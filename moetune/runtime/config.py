@@ -106,6 +106,8 @@ def resolve(config: EngineConfig) -> tuple[EngineConfig, ModelSpec]:
         raise MoetuneError("load_format 'safetensors' needs a checkpoint folder")
     if cfg.checkpoint and not Path(cfg.checkpoint).is_dir():
         raise MoetuneError(f"checkpoint folder {cfg.checkpoint} does not exist")
+    if cfg.tuned_configs and not Path(cfg.tuned_configs).is_dir():
+        raise MoetuneError(f"tuned_configs folder {cfg.tuned_configs} does not exist; pass the folder of tables")
     if cfg.moe_backend not in ("triton", "torch"):
         raise MoetuneError(f"unknown moe_backend {cfg.moe_backend!r}; choose triton or torch")
     spec = get_model(cfg.model)

@@ -36,6 +36,26 @@ def _ints(text: str) -> list[int]:
     return out
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is 0..65535 (0: any free one), got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m moetune.serve", description=__doc__.split("\n\n")[0])
     a = p.add_argument
@@ -47,12 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
     a("--device", default="auto", choices=["auto", "cuda", "cpu"], help="auto: cpu for tiny, else cuda")
     a("--tuned-configs", help="folder searched first for tuned tables")
     a("--batch-sizes", type=_ints, help="decode batch sizes, comma-separated (GPU default 1,16,64,256)")
-    a("--context-len", type=int, help="KV length while timing decode (GPU default 512)")
-    a("--prompt-len", type=int, help="prompt length for time to first token (GPU default 2048)")
-    a("--max-model-len", type=int, help="longest prompt + completion (GPU default 4096)")
+    a("--context-len", type=_positive, help="KV length while timing decode (GPU default 512)")
+    a("--prompt-len", type=_positive, help="prompt length for time to first token (GPU default 2048)")
+    a("--max-model-len", type=_positive, help="longest prompt + completion (GPU default 4096)")
     a("--results-dir", type=Path, default=Path("runs/serve"), help="where JSON and CSV go (default runs/serve)")
     a("--no-compare", action="store_true", help="skip the default-vs-tuned comparison")
-    a("--port", type=int, help="serve the OpenAI API on this port after the comparison (0: any free port)")
+    a("--port", type=_port, help="serve the OpenAI API on this port after the comparison (0: any free port)")
     a("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     a("-v", "--verbose", action="store_true", help="debug logging")
     return p
