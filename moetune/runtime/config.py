@@ -35,6 +35,7 @@ class EngineConfig:
     tuned_configs: str | None = None  # extra folder searched first for MoE config tables
     use_tuned_tables: bool = True
     moe_backend: str = "triton"  # "triton" (fused kernel) | "torch" (float32 reference path)
+    tensor_parallel_size: int = 1  # ranks (GPUs; processes on a CPU) that each hold 1/tp of every layer
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 4096  # prefill chunk budget per step
     max_model_len: int = 4096
@@ -113,6 +114,7 @@ def resolve(config: EngineConfig) -> tuple[EngineConfig, ModelSpec]:
     spec = get_model(cfg.model)
     if cfg.checkpoint:
         spec = spec_from_checkpoint(spec, Path(cfg.checkpoint))
+    _check_tp(cfg, spec)
     if cfg.dtype == "auto":
         # on a CPU: float32 for the torch reference; the fused kernel takes 16-bit activations only
         cpu_dtype = "fp32" if cfg.moe_backend == "torch" else "bf16"
@@ -139,10 +141,24 @@ def resolve(config: EngineConfig) -> tuple[EngineConfig, ModelSpec]:
     return cfg, spec
 
 
+def _check_tp(cfg: EngineConfig, spec: ModelSpec) -> None:
+    tp = cfg.tensor_parallel_size
+    if tp < 1:
+        raise MoetuneError(f"tensor_parallel_size must be at least 1, got {tp}")
+    for what in ("num_heads", "num_kv_heads", "intermediate_size"):  # each rank holds whole heads, equal N
+        if getattr(spec, what) % tp:
+            raise MoetuneError(
+                f"tensor_parallel_size {tp} does not divide {spec.name}'s {what} ({getattr(spec, what)})"
+            )
+    if cfg.device == "cuda" and tp > torch.cuda.device_count():
+        raise MoetuneError(f"tensor_parallel_size {tp} needs {tp} GPUs; torch sees {torch.cuda.device_count()}")
+
+
 def _auto_gpu_dtype(spec: ModelSpec, cfg: EngineConfig) -> str:
     """bf16 when its weights leave room for KV cache and activations, else fp8 experts (half the bytes)."""
     budget = torch.cuda.get_device_properties(0).total_memory * cfg.gpu_memory_utilization
-    need = bf16_weight_bytes(spec) * 1.1  # 10% for activations, graphs and a useful KV cache
+    # per rank: ~1/tp of the weights (embeddings and lm_head are replicated, a small share of Mixtral's)
+    need = bf16_weight_bytes(spec) / cfg.tensor_parallel_size * 1.1  # 10% for activations, graphs, KV cache
     dtype = "bf16" if need <= budget else "fp8"
     log.info("dtype auto: %s (bf16 weights %.1f GB, budget %.1f GB)", dtype, need / 1.1e9, budget / 1e9)
     return dtype

@@ -5,21 +5,22 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from moetune.errors import MoetuneError
-from moetune.models import ModelSpec, moe_shape
+from moetune.models import ModelSpec
+from moetune.runtime import layers
 from moetune.runtime.block_manager import BlockManager, blocks_for
 from moetune.runtime.config import EngineConfig, resolve
-from moetune.runtime.layers import TP_SIZE, MoeTables
 from moetune.runtime.model_runner import ModelRunner
 from moetune.runtime.sampling import SamplingParams
 from moetune.runtime.scheduler import Scheduler
 from moetune.runtime.sequence import Sequence, SequenceStatus
 from moetune.runtime.tokenizer import Tokenizer, find_tokenizer_model
-from moetune.tables import CPU_DEVICE_NAME, ConfigTable, find_table
+from moetune.runtime.tp import TPWorkers
 
 log = logging.getLogger("moetune")
 
@@ -33,6 +34,8 @@ class StepOutput:
 
 
 class LLMEngine:
+    """With tensor_parallel_size > 1 this process is rank 0 and owns tp-1 worker processes: close() them."""
+
     def __init__(self, config: EngineConfig):
         self.config: EngineConfig  # a copy with every "auto" resolved (device, dtype, load_format, max_model_len)
         self.spec: ModelSpec
@@ -44,31 +47,45 @@ class LLMEngine:
                 f"tokenizer {self.tokenizer.path} has {self.tokenizer.vocab_size} tokens, "
                 f"more than the model's vocabulary of {self.spec.vocab_size}"
             )
-        # fp32 is a CPU test dtype: it reads the 16-bit table, whose file name carries no dtype
-        table_dtype = "bf16" if cfg.dtype == "fp32" else cfg.dtype
-        tuned = find_table(
-            moe_shape(self.spec, TP_SIZE),
-            table_dtype,
-            device=CPU_DEVICE_NAME if cfg.device == "cpu" else None,
-            folders=[cfg.tuned_configs] if cfg.tuned_configs else [],
-        )
-        self.tables = MoeTables(tuned, ConfigTable.untuned(self.spec.num_experts), cfg.use_tuned_tables)
-        self.runner = ModelRunner(cfg, self.spec, self.tables)
+        self.workers: TPWorkers | None = None
+        if cfg.tensor_parallel_size > 1:
+            self.workers = TPWorkers(cfg, self.spec)
+            try:
+                self.runner = self.workers.run(lambda: ModelRunner(cfg, self.spec))
+            except BaseException:
+                self.close()
+                raise
+        elif layers.TP_SIZE > 1:  # the layers' rank is per process: this model would be built sharded
+            raise MoetuneError("a tensor-parallel engine is open in this process; close() it first")
+        else:
+            self.runner = ModelRunner(cfg, self.spec)
         block_manager = BlockManager(self.runner.num_kv_blocks, cfg.kvcache_block_size)
         self.scheduler = Scheduler(cfg.max_num_seqs, cfg.max_num_batched_tokens, block_manager, self.tokenizer.eos_id)
 
     @property
     def moe_table_path(self) -> Path | None:
         """The table file every MoE layer reads now; None = vLLM's untuned default."""
-        return self.tables.active.path
+        return self.runner.tables.active.path  # rank 0's; every rank reads the table for the same shard
 
     def use_tuned_tables(self, tuned: bool) -> None:
         """Switch every MoE layer to the tuned table or the untuned default; re-captures the decode graphs
         (each bakes in its batch size's config). Weights and the KV cache stay as they are."""
-        self.tables.use_tuned = tuned
+        self._call("use_tuned_tables", tuned)
         log.info("MoE configs: %s", self.moe_table_path or "untuned default")
-        if self.runner.use_graphs:
-            self.runner.capture_graphs()
+
+    def _call(self, method: str, *args: Any) -> Any:
+        """runner.method(*args): on this process alone, or on every rank in lockstep (only rank 0's result)."""
+        if self.workers is None:
+            return getattr(self.runner, method)(*args)
+        return self.workers.call(self.runner, method, *args)
+
+    def close(self) -> None:
+        """Stop the tensor-parallel workers and leave the process group (nothing to do with tp = 1)."""
+        if getattr(self, "workers", None) is not None:
+            self.workers.close()
+
+    def __del__(self) -> None:
+        self.close()
 
     # ------------------------------------------------------------------------------------------ requests
 
@@ -109,7 +126,7 @@ class LLMEngine:
         if not self.scheduler.has_unfinished():
             return []
         seqs, is_prefill = self.scheduler.schedule()
-        tokens = self.runner.run(seqs, is_prefill)
+        tokens = self._call("run", seqs, is_prefill)
         self.scheduler.postprocess(seqs, tokens)
         return [
             StepOutput(s.seq_id, [t], s.status == SequenceStatus.FINISHED, s.finish_reason)
@@ -148,7 +165,7 @@ class LLMEngine:
         bm.grow(seq, len(seq))
         seq.num_scheduled_tokens = len(seq)
         try:
-            return self.runner.prefill_logits(seq)
+            return self._call("prefill_logits", seq)
         finally:
             bm.release(seq)
 
@@ -159,4 +176,4 @@ class LLMEngine:
         dummy sequences, so it measures the model without scheduling, host-side input building or sampling
         noise. CUDA events on a GPU, wall clock on a CPU. Safe to call while requests are running.
         """
-        return self.runner.decode_step_time_us(batch_size, context_len, steps)
+        return self._call("decode_step_time_us", batch_size, context_len, steps)

@@ -3,7 +3,8 @@ and the sparse MoE block on the fused kernel (or the float32 reference).
 
 Every parameter carries a `weight_loader(param, checkpoint_tensor, shard_id)` that cuts this rank's
 slice out of a full checkpoint tensor (nano-vllm's scheme), so tensor parallelism only needs TP_RANK and
-TP_SIZE set and the two all-reduces below wired to a process group. Single-GPU runs use TP_SIZE = 1.
+TP_SIZE set (set_tp, before the model is built) and a process group for the two all-reduces below;
+tp.py sets both up. Single-GPU runs keep TP_SIZE = 1 and never touch torch.distributed.
 """
 
 from __future__ import annotations
@@ -22,7 +23,12 @@ from moetune.models import ModelSpec
 from moetune.runtime.context import get_context
 from moetune.tables import ConfigTable
 
-TP_RANK, TP_SIZE = 0, 1
+TP_RANK, TP_SIZE = 0, 1  # read through this module (layers.TP_SIZE): `from ... import TP_SIZE` copies it
+
+
+def set_tp(rank: int, size: int) -> None:
+    global TP_RANK, TP_SIZE
+    TP_RANK, TP_SIZE = rank, size
 
 
 def shard(t: Tensor, dim: int) -> Tensor:

@@ -18,7 +18,8 @@ import torch
 from torch import Tensor
 
 from moetune.errors import MoetuneError
-from moetune.models import ModelSpec
+from moetune.models import ModelSpec, moe_shape
+from moetune.runtime import layers
 from moetune.runtime.block_manager import blocks_for
 from moetune.runtime.config import RUNTIME_DTYPES, EngineConfig
 from moetune.runtime.context import Context, reset_context, set_context
@@ -26,7 +27,8 @@ from moetune.runtime.layers import Build, MoeTables
 from moetune.runtime.loader import load_safetensors
 from moetune.runtime.model import MixtralForCausalLM
 from moetune.runtime.sampling import sample
-from moetune.runtime.sequence import Sequence
+from moetune.runtime.sequence import StepSeq
+from moetune.tables import CPU_DEVICE_NAME, ConfigTable, find_table
 
 log = logging.getLogger("moetune")
 
@@ -34,9 +36,25 @@ CPU_KV_CACHE_BYTES = 256 << 20  # a CPU engine is for tests and demos: a small f
 MAX_GRAPH_BATCH = 512
 
 
+def moe_tables(cfg: EngineConfig, spec: ModelSpec) -> MoeTables:
+    """This rank's MoE tables: looked up for its own expert shard (N = intermediate / tp), as vLLM shards."""
+    # fp32 is a CPU test dtype: it reads the 16-bit table, whose file name carries no dtype
+    tuned = find_table(
+        moe_shape(spec, layers.TP_SIZE),
+        "bf16" if cfg.dtype == "fp32" else cfg.dtype,
+        device=CPU_DEVICE_NAME if cfg.device == "cpu" else None,
+        folders=[cfg.tuned_configs] if cfg.tuned_configs else [],
+    )
+    return MoeTables(tuned, ConfigTable.untuned(spec.num_experts), cfg.use_tuned_tables)
+
+
 class ModelRunner:
-    def __init__(self, cfg: EngineConfig, spec: ModelSpec, tables: MoeTables):
+    """One rank's model. With tensor parallelism every rank runs each call in lockstep (tp.py)."""
+
+    def __init__(self, cfg: EngineConfig, spec: ModelSpec):
         self.cfg, self.spec = cfg, spec
+        self.tables = tables = moe_tables(cfg, spec)
+        self.is_driver = layers.TP_RANK == 0  # only rank 0 samples
         self.device = torch.device(cfg.device)
         self.dtype, expert_dtype = RUNTIME_DTYPES[cfg.dtype]
         self.block_size = cfg.kvcache_block_size
@@ -71,7 +89,8 @@ class ModelRunner:
     @torch.inference_mode()
     def _allocate_kv_cache(self) -> int:
         spec, bs = self.spec, self.block_size
-        block_bytes = 2 * spec.num_layers * bs * spec.num_kv_heads * spec.head_dim * self.dtype.itemsize
+        kv_heads = spec.num_kv_heads // layers.TP_SIZE
+        block_bytes = 2 * spec.num_layers * bs * kv_heads * spec.head_dim * self.dtype.itemsize
         if self.device.type == "cuda":
             self._profile_prefill()  # the activation peak of the largest prefill must stay free
             free, total = torch.cuda.mem_get_info(self.device)
@@ -82,6 +101,10 @@ class ModelRunner:
         else:
             fits = CPU_KV_CACHE_BYTES // block_bytes
             num_blocks = max(self.max_blocks, min(self.cfg.max_num_seqs * self.max_blocks, fits))
+        if layers.TP_SIZE > 1:  # rank 0's scheduler hands out block ids for every rank: all need as many
+            n = torch.tensor([num_blocks], device=self.device)
+            torch.distributed.all_reduce(n, op=torch.distributed.ReduceOp.MIN)
+            num_blocks = int(n.item())
         if num_blocks < self.max_blocks:
             raise MoetuneError(
                 f"KV cache: room for {max(num_blocks, 0) * bs} tokens after the weights, but one sequence of "
@@ -90,7 +113,7 @@ class ModelRunner:
             )
         # one block more than the scheduler hands out: the trash block that padding rows write to
         # [2 (K, V), layers, blocks, slot, Hkv, D]
-        shape = (2, spec.num_layers, num_blocks + 1, bs, spec.num_kv_heads, spec.head_dim)
+        shape = (2, spec.num_layers, num_blocks + 1, bs, kv_heads, spec.head_dim)
         kv = torch.zeros(shape, dtype=self.dtype, device=self.device)
         for i, layer in enumerate(self.model.model.layers):
             layer.self_attn.k_cache, layer.self_attn.v_cache = kv[0, i], kv[1, i]
@@ -114,20 +137,20 @@ class ModelRunner:
 
     # ------------------------------------------------------------------------------------------ prefill
 
-    def _slots(self, seq: Sequence, start: int, end: int) -> list[int]:
+    def _slots(self, seq: StepSeq, start: int, end: int) -> list[int]:
         bs = self.block_size
         return [seq.block_table[p // bs] * bs + p % bs for p in range(start, end)]
 
-    def _block_tables(self, seqs: list[Sequence], width: int | None = None) -> Tensor:
+    def _block_tables(self, seqs: list[StepSeq], width: int | None = None) -> Tensor:
         width = width or max(len(s.block_table) for s in seqs)
         return self._to_device([s.block_table + [0] * (width - len(s.block_table)) for s in seqs], torch.int32)
 
-    def _prefill_hidden(self, seqs: list[Sequence]) -> tuple[Tensor, list[int]]:
+    def _prefill_hidden(self, seqs: list[StepSeq]) -> tuple[Tensor, list[int]]:
         """Hidden states of every scheduled token, and cu_seqlens (sequence i owns rows cu[i]:cu[i+1])."""
         ids, positions, slots, cu, starts = [], [], [], [0], []
         for seq in seqs:
             start, end = seq.num_cached_tokens, seq.num_cached_tokens + seq.num_scheduled_tokens
-            ids += seq.token_ids[start:end]
+            ids += seq.scheduled_token_ids
             positions += range(start, end)
             slots += self._slots(seq, start, end)
             cu.append(cu[-1] + end - start)
@@ -147,17 +170,17 @@ class ModelRunner:
             reset_context()
 
     @torch.inference_mode()
-    def prefill_logits(self, seq: Sequence) -> Tensor:
+    def prefill_logits(self, seq: StepSeq) -> Tensor | None:
         hidden, _ = self._prefill_hidden([seq])
-        return self.model.compute_logits(hidden)  # [T, V]
+        return self.model.compute_logits(hidden) if self.is_driver else None  # [T, V]
 
     # ------------------------------------------------------------------------------------------ decode
 
-    def _decode_inputs(self, seqs: list[Sequence]) -> tuple[list[int], list[int], list[int], list[int]]:
+    def _decode_inputs(self, seqs: list[StepSeq]) -> tuple[list[int], list[int], list[int], list[int]]:
         ids = [s.last_token for s in seqs]
-        positions = [len(s) - 1 for s in seqs]
+        positions = [s.num_cached_tokens for s in seqs]  # a decoding sequence has all but its last token cached
         slots = [self._slots(s, p, p + 1)[0] for s, p in zip(seqs, positions)]
-        return ids, positions, slots, [len(s) for s in seqs]
+        return ids, positions, slots, [p + 1 for p in positions]
 
     def _decode_eager(
         self, ids: Tensor, positions: Tensor, slots: Tensor, context_lens: Tensor, tables: Tensor
@@ -183,7 +206,7 @@ class ModelRunner:
         buf["context_lens"][B:bucket].zero_()  # ... and attend to nothing
         buf["block_tables"][:B, : tables.shape[1]].copy_(tables)
 
-    def _decode_logits(self, seqs: list[Sequence]) -> Tensor:
+    def _decode_logits(self, seqs: list[StepSeq]) -> Tensor:
         ids, positions, slots, lens = self._decode_inputs(seqs)
         inputs = (
             self._to_device(ids, torch.long),
@@ -226,6 +249,11 @@ class ModelRunner:
         finally:
             reset_context()
 
+    def use_tuned_tables(self, tuned: bool) -> None:
+        self.tables.use_tuned = tuned
+        if self.use_graphs:
+            self.capture_graphs()  # each graph bakes in the config its batch size picks
+
     @torch.inference_mode()
     def capture_graphs(self) -> None:
         """(Re)capture one decode graph per bucket, largest first so smaller ones reuse its pool memory."""
@@ -251,10 +279,13 @@ class ModelRunner:
     # ------------------------------------------------------------------------------------------ steps
 
     @torch.inference_mode()
-    def run(self, seqs: list[Sequence], is_prefill: bool) -> list[int | None]:
-        """One step; a token for each sequence that reached its end (None for a mid-prompt prefill chunk)."""
+    def run(self, seqs: list[StepSeq], is_prefill: bool) -> list[int | None]:
+        """One step; a token for each sequence that reached its end (None for a mid-prompt prefill chunk).
+        A TP worker only takes its part in the forward's all-reduces and returns []."""
         if is_prefill:
             hidden, cu = self._prefill_hidden(seqs)
+            if not self.is_driver:
+                return []
             done = [i for i, s in enumerate(seqs) if s.num_cached_tokens + s.num_scheduled_tokens == len(s)]
             if not done:
                 return [None] * len(seqs)
@@ -262,6 +293,8 @@ class ModelRunner:
         else:
             done = list(range(len(seqs)))
             logits = self._decode_logits(seqs)
+            if not self.is_driver:
+                return []
         sampled = sample(logits, [seqs[i].params for i in done], [seqs[i].generator for i in done], self.generator)
         tokens: list[int | None] = [None] * len(seqs)
         for i, t in zip(done, sampled):

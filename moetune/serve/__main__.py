@@ -66,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
       help="auto: the dtype that fits this GPU (bf16 on CPU)")
     a("--device", default="auto", choices=["auto", "cuda", "cpu"], help="auto: cpu for tiny, else cuda")
     a("--tuned-configs", help="folder searched first for tuned tables")
+    a("--tp", type=_positive, default=1, help="tensor-parallel degree: GPUs (CPU processes) per model (default 1)")
     a("--batch-sizes", type=_ints, help="decode batch sizes, comma-separated (GPU default 1,16,64,256)")
     a("--context-len", type=_positive, help="KV length while timing decode (GPU default 512)")
     a("--prompt-len", type=_positive, help="prompt length for time to first token (GPU default 2048)")
@@ -103,7 +104,8 @@ def run(args: argparse.Namespace) -> int:
         model=args.model, checkpoint=args.checkpoint, load_format=args.load_format,
         # CPU auto is bf16, not the runtime's fp32: the fused-MoE kernel takes only 16-bit activations
         dtype="bf16" if device == "cpu" and args.dtype == "auto" else args.dtype, device=device,
-        tuned_configs=args.tuned_configs, max_model_len=args.max_model_len or d["max_model_len"],
+        tuned_configs=args.tuned_configs, tensor_parallel_size=args.tp,
+        max_model_len=args.max_model_len or d["max_model_len"],
         max_num_seqs=max(8 if device == "cpu" else 256, max(batches)),
         max_num_batched_tokens=max(4096, prompt_len), enforce_eager=device == "cpu",
     )
