@@ -72,3 +72,13 @@ def tiny_checkpoint(tiny_checkpoint_and_model):
 def tiny_hf_model(tiny_checkpoint_and_model):
     """The transformers model that wrote tiny_checkpoint: the float32 reference for parity tests."""
     return tiny_checkpoint_and_model[1]
+
+
+def tiny_engine_config(checkpoint, **overrides):
+    """EngineConfig for the tiny checkpoint on the CPU: fp32 and the torch MoE path (exact vs HF)."""
+    from moetune.runtime import EngineConfig
+
+    kwargs = dict(model="tiny", checkpoint=str(checkpoint), device="cpu", dtype="fp32", moe_backend="torch",
+                  max_model_len=128, max_num_seqs=8)  # fmt: skip
+    return EngineConfig(**(kwargs | overrides))
+

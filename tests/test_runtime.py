@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import tiny_engine_config
 
 from moetune.kernels.reference import rel_err
 from moetune.runtime import EngineConfig, LLMEngine, SamplingParams
@@ -20,16 +21,7 @@ PROMPTS = [
 
 
 def make_engine(checkpoint, **overrides) -> LLMEngine:
-    kwargs = dict(
-        model="tiny",
-        checkpoint=str(checkpoint),
-        device="cpu",
-        dtype="fp32",
-        moe_backend="torch",
-        max_model_len=128,
-        max_num_seqs=8,
-    )
-    return LLMEngine(EngineConfig(**(kwargs | overrides)))
+    return LLMEngine(tiny_engine_config(checkpoint, **overrides))
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ from contextlib import contextmanager
 
 import pytest
 import torch.distributed as dist
+from conftest import tiny_engine_config
 
 from moetune.errors import MoetuneError
 from moetune.kernels.reference import rel_err
@@ -27,17 +28,8 @@ PROMPTS = [
 
 @contextmanager
 def engine(checkpoint, **overrides) -> Iterator[LLMEngine]:
-    kwargs = dict(
-        model="tiny",
-        checkpoint=str(checkpoint),
-        device="cpu",
-        dtype="fp32",
-        moe_backend="torch",
-        max_model_len=64,
-        max_num_seqs=3,
-        max_num_batched_tokens=16,
-    )  # queueing + chunked prefill
-    eng = LLMEngine(EngineConfig(**(kwargs | overrides)))
+    queueing = dict(max_model_len=64, max_num_seqs=3, max_num_batched_tokens=16)  # + chunked prefill
+    eng = LLMEngine(tiny_engine_config(checkpoint, **(queueing | overrides)))
     try:
         yield eng
     finally:
