@@ -14,8 +14,9 @@ import itertools
 
 import pandas as pd
 
-from moetune.bench import floor_us, parse_token_counts
+from moetune.bench import floor_us
 from moetune.models import get_model, moe_shape
+from moetune.tables import parse_token_counts
 from moetune.timing import Ceilings, measure_ceilings, on_gpu
 from moetune.tuning.bench import Infeasible, KernelBench
 

@@ -16,22 +16,11 @@ import torch
 
 from moetune.errors import MoetuneError
 from moetune.models import check_dtype, get_model, moe_shape
-from moetune.tables import TOKEN_COUNTS, ConfigTable, default_config, find_table
+from moetune.tables import TOKEN_COUNTS, ConfigTable, default_config, device_name, find_table, parse_token_counts
 from moetune.timing import Ceilings, measure_ceilings, on_gpu
 from moetune.tuning.bench import KernelBench
 
 BENCH_TOKEN_COUNTS = (1, 16, 64, 256, 1024, 4096)  # the M values of the target table
-
-
-def parse_token_counts(text: str) -> list[int]:
-    problem = f"--batch-sizes {text!r}: give positive integers separated by commas, e.g. 1,16,256"
-    try:
-        counts = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise MoetuneError(problem) from None
-    if not counts or min(counts) < 1:
-        raise MoetuneError(problem)
-    return counts
 
 
 def add_bench_arguments(p: argparse.ArgumentParser) -> None:
@@ -91,8 +80,8 @@ def bench_main(args: argparse.Namespace) -> int:
     print(df.to_string(index=False, float_format=lambda v: f"{v:.3g}" if abs(v) < 1 else f"{v:.1f}"))
     out = args.csv or Path("runs/bench") / f"{model.name}-{dtype}-tp{args.tp}.csv"
     out.parent.mkdir(parents=True, exist_ok=True)
-    device = torch.cuda.get_device_name().replace(" ", "_") if on_gpu() else "CPU_triton_interpreter"
-    meta = dict(model=model.name, dtype=dtype, tp=args.tp, E=shape.E, N=shape.N, device=device, torch=torch.__version__)
+    meta = dict(model=model.name, dtype=dtype, tp=args.tp, E=shape.E, N=shape.N, device=device_name(),
+                torch=torch.__version__)  # fmt: skip
     df.assign(**meta).to_csv(out, index=False)
     print(f"wrote {out}")
     return 0

@@ -20,7 +20,7 @@ from typing import Any
 
 import jsonschema
 
-from moetune.errors import TableError
+from moetune.errors import MoetuneError, TableError
 from moetune.models import DTYPES, MoeShape
 
 log = logging.getLogger("moetune")
@@ -37,6 +37,18 @@ _FILE_RE = re.compile(
     r"^E=(?P<E>\d+),N=(?P<N>\d+),device_name=(?P<device>[^,]+)"
     r"(?:,dtype=(?P<dtype>[^,]+))?(?:,block_shape=\[(?P<bn>\d+),(?P<bk>\d+)\])?\.json$"
 )
+
+
+def parse_token_counts(text: str) -> list[int]:
+    """'1,16,256' -> [1, 16, 256]: the token counts M given on a command line, sorted and unique."""
+    try:
+        counts = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        raise MoetuneError(f"--batch-sizes {text!r} is malformed; give positive integers separated by commas, "
+                           f"e.g. 1,16,256")  # fmt: skip
+    return sorted(set(counts))
 
 
 def device_name() -> str:

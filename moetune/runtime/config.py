@@ -12,17 +12,14 @@ import torch
 
 from moetune.errors import MoetuneError
 from moetune.kernels import attention
-from moetune.models import ModelSpec, get_model
+from moetune.models import DTYPES, ModelSpec, get_model
 
 log = logging.getLogger("moetune")
 
-# activation dtype, expert-weight dtype
+# activation dtype, expert-weight dtype: the kernel's dtypes, plus fp32 for the torch reference path on a CPU
 RUNTIME_DTYPES: dict[str, tuple[torch.dtype, torch.dtype]] = {
-    "bf16": (torch.bfloat16, torch.bfloat16),
-    "fp16": (torch.float16, torch.float16),
-    "fp8": (torch.bfloat16, torch.float8_e4m3fn),
-    "fp32": (torch.float32, torch.float32),
-}
+    name: (act, weight) for name, (act, weight, _) in DTYPES.items()
+} | {"fp32": (torch.float32, torch.float32)}
 
 
 @dataclass(slots=True)

@@ -20,6 +20,7 @@ import torch
 
 from moetune.errors import MoetuneError
 from moetune.models import PRESETS
+from moetune.tables import parse_token_counts
 
 # Per-target workloads: the GPU one is the proof; the CPU one only shows every path runs.
 GPU_DEFAULTS = dict(batch_sizes=[1, 16, 64, 256], context_len=512, prompt_len=2048, max_model_len=4096)
@@ -28,12 +29,9 @@ CPU_DEFAULTS = dict(batch_sizes=[1, 2, 4], context_len=16, prompt_len=32, max_mo
 
 def _ints(text: str) -> list[int]:
     try:
-        out = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not out or min(out) < 1:
-        raise argparse.ArgumentTypeError("batch sizes must be positive integers")
-    return out
+        return parse_token_counts(text)
+    except MoetuneError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, all positive, got {text!r}") from None
 
 
 def _positive(text: str) -> int:

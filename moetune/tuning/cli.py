@@ -16,7 +16,7 @@ import torch
 
 from moetune.errors import MoetuneError
 from moetune.models import MoeShape, check_dtype, get_model, moe_shape
-from moetune.tables import TOKEN_COUNTS, device_name, table_filename
+from moetune.tables import TOKEN_COUNTS, device_name, parse_token_counts, table_filename
 from moetune.tuning.bench import KernelBench, bytes_per_elem
 from moetune.tuning.study import Settings
 from moetune.tuning.tuner import TableJob, TableResult, tune_table
@@ -44,16 +44,6 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--finalists", type=int, default=4, help="best configs re-timed with many reps per M")
     p.add_argument("--compile-workers", type=int, help="CPU processes compiling per GPU (default: cores / GPUs)")
     p.add_argument("--compile-timeout", type=float, default=300.0, help="seconds before a compile counts as hung")
-
-
-def parse_batch_sizes(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        values = []
-    if not values or any(v < 1 for v in values):
-        raise MoetuneError(f"--batch-sizes {text!r} is malformed; give positive token counts like 1,16,256")
-    return sorted(set(values))
 
 
 def parse_duration(text: str) -> float:
@@ -146,7 +136,7 @@ def run_main(args: argparse.Namespace) -> int:
     if args.sampler not in ("tpe", "grid"):
         raise MoetuneError(f"unknown --sampler {args.sampler!r}; choose tpe or grid")
     time_budget = parse_duration(args.time_budget) if args.time_budget else None
-    batch_sizes = parse_batch_sizes(args.batch_sizes) if args.batch_sizes else None
+    batch_sizes = parse_token_counts(args.batch_sizes) if args.batch_sizes else None
 
     gpu, smem_limit = _gpu_facts(args.gpus)
     if not gpu and model.name != "tiny":
