@@ -25,14 +25,7 @@ def time_us(fn: Callable[[], object], *, reps: int = 20, inner: int = 5, warmup:
     graph-replaying engine sees), and each of `reps` replays is timed with CUDA events.
     """
     if not on_gpu():
-        for _ in range(min(warmup, 1)):
-            fn()
-        samples = []
-        for _ in range(max(1, reps // 4)):
-            t0 = time.perf_counter()
-            fn()
-            samples.append((time.perf_counter() - t0) * 1e6)
-        return statistics.median(samples)
+        return median_us(fn, reps=max(1, reps // 4), warmup=min(warmup, 1), cuda=False)
 
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -54,6 +47,28 @@ def time_us(fn: Callable[[], object], *, reps: int = 20, inner: int = 5, warmup:
         e.record()
     torch.cuda.synchronize()
     return statistics.median(s.elapsed_time(e) * 1e3 / inner for s, e in zip(start, end))
+
+
+def median_us(fn: Callable[[], object], *, reps: int, warmup: int, cuda: bool) -> float:
+    """Median µs of fn, each call timed on its own: CUDA events (no host sync between calls) for work
+    on a GPU, e.g. a graph replay; wall clock otherwise."""
+    for _ in range(warmup):
+        fn()
+    if not cuda:
+        samples = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            samples.append((time.perf_counter() - t0) * 1e6)
+        return statistics.median(samples)
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+    torch.cuda.synchronize()
+    for start, end in events:
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) * 1e3 for s, e in events)
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import gc
 import logging
-import statistics
 import time
 from collections.abc import Callable
 
@@ -29,6 +28,7 @@ from moetune.runtime.model import MixtralForCausalLM
 from moetune.runtime.sampling import sample
 from moetune.runtime.sequence import StepSeq
 from moetune.tables import CPU_DEVICE_NAME, ConfigTable, find_table
+from moetune.timing import median_us
 
 log = logging.getLogger("moetune")
 
@@ -327,25 +327,4 @@ class ModelRunner:
         else:
             self._fill_graph_inputs(bucket, ids, positions, slots, lens, tables)
             step = lambda: (self.graphs[bucket].replay(), self.graph_inputs["logits"][:B].argmax(-1))
-        return _median_us(step, max(1, steps), dev)
-
-
-def _median_us(fn: Callable[[], object], steps: int, device: torch.device) -> float:
-    """CUDA events around each call on a GPU (no host sync inside), wall clock on a CPU."""
-    for _ in range(min(3, steps)):
-        fn()
-    if device.type != "cuda":
-        samples = []
-        for _ in range(steps):
-            t0 = time.perf_counter()
-            fn()
-            samples.append((time.perf_counter() - t0) * 1e6)
-        return statistics.median(samples)
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(steps)]
-    torch.cuda.synchronize(device)
-    for start, end in events:
-        start.record()
-        fn()
-        end.record()
-    torch.cuda.synchronize(device)
-    return statistics.median(s.elapsed_time(e) * 1e3 for s, e in events)
+        return median_us(step, reps=max(1, steps), warmup=min(3, steps), cuda=dev.type == "cuda")
