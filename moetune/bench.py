@@ -16,7 +16,15 @@ import torch
 
 from moetune.errors import MoetuneError
 from moetune.models import check_dtype, get_model, moe_shape
-from moetune.tables import TOKEN_COUNTS, ConfigTable, default_config, device_name, find_table, parse_token_counts
+from moetune.tables import (
+    TOKEN_COUNTS,
+    ConfigTable,
+    atomic_write_text,
+    default_config,
+    device_name,
+    find_table,
+    parse_token_counts,
+)
 from moetune.timing import Ceilings, measure_ceilings, on_gpu
 from moetune.tuning.bench import KernelBench
 
@@ -79,9 +87,8 @@ def bench_main(args: argparse.Namespace) -> int:
     df = pd.DataFrame([bench_one(bench, M, table, ceilings, args.reps) for M in counts])
     print(df.to_string(index=False, float_format=lambda v: f"{v:.3g}" if abs(v) < 1 else f"{v:.1f}"))
     out = args.csv or Path("runs/bench") / f"{model.name}-{dtype}-tp{args.tp}.csv"
-    out.parent.mkdir(parents=True, exist_ok=True)
     meta = dict(model=model.name, dtype=dtype, tp=args.tp, E=shape.E, N=shape.N, device=device_name(),
                 torch=torch.__version__)  # fmt: skip
-    df.assign(**meta).to_csv(out, index=False)
+    atomic_write_text(out, df.assign(**meta).to_csv(index=False))
     print(f"wrote {out}")
     return 0

@@ -12,11 +12,11 @@ import logging
 import os
 import re
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import jsonschema
 
@@ -171,20 +171,28 @@ def load_sidecar(table_path: str | os.PathLike) -> dict | None:
     return obj
 
 
-def atomic_write_json(path: Path, obj: Any) -> None:
+def _atomic_write(path: Path, write: Callable[[IO[str]], object]) -> None:
     """Write, fsync, then rename: a reader sees the old file or the new one, never half of one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
+        with os.fdopen(fd, "w", newline="") as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    _atomic_write(path, lambda f: (json.dump(obj, f, indent=2), f.write("\n")))
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """For the CSVs the tools write (trials, bench rows, serve results)."""
+    _atomic_write(path, lambda f: f.write(text))
 
 
 def save_table(path: Path, configs: Mapping[int, Config], sidecar: dict | None = None) -> None:

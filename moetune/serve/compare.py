@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import datetime
+import io
 import logging
 import statistics
 import time
@@ -19,7 +20,7 @@ import torch
 
 from moetune.errors import MoetuneError
 from moetune.runtime.sampling import SamplingParams
-from moetune.tables import atomic_write_json, device_name
+from moetune.tables import atomic_write_json, atomic_write_text, device_name
 
 log = logging.getLogger("moetune.serve")
 
@@ -221,16 +222,17 @@ def save(r: dict, results_dir: Path) -> tuple[Path, Path]:
     cols = ["kind", "batch", "prompt_len", "context_len", "default_tok_s", "tuned_tok_s", "default_ms", "tuned_ms",
             "speedup", "table", "timings_meaningful"]
     common = {"table": r["table"] or "", "timings_meaningful": r["timings_meaningful"]}
-    with cpath.open("w", newline="") as f:
-        out = csv.DictWriter(f, cols)
-        out.writeheader()
-        for x in r["decode"]:
-            out.writerow({"kind": "decode", "batch": x["batch"], "context_len": r["workload"]["context_len"],
-                          "default_tok_s": x["default_tok_s"], "tuned_tok_s": x["tuned_tok_s"],
-                          "default_ms": x["default_ms_per_token"], "tuned_ms": x["tuned_ms_per_token"],
-                          "speedup": x["speedup"], **common})
-        t = r["ttft"]
-        out.writerow({"kind": "ttft", "batch": 1, "prompt_len": t["prompt_len"], "default_ms": t["default_ms"],
-                      "tuned_ms": t["tuned_ms"], "speedup": t["speedup"], **common})
+    buf = io.StringIO()
+    out = csv.DictWriter(buf, cols)
+    out.writeheader()
+    for x in r["decode"]:
+        out.writerow({"kind": "decode", "batch": x["batch"], "context_len": r["workload"]["context_len"],
+                      "default_tok_s": x["default_tok_s"], "tuned_tok_s": x["tuned_tok_s"],
+                      "default_ms": x["default_ms_per_token"], "tuned_ms": x["tuned_ms_per_token"],
+                      "speedup": x["speedup"], **common})
+    t = r["ttft"]
+    out.writerow({"kind": "ttft", "batch": 1, "prompt_len": t["prompt_len"], "default_ms": t["default_ms"],
+                  "tuned_ms": t["tuned_ms"], "speedup": t["speedup"], **common})
+    atomic_write_text(cpath, buf.getvalue())
     return jpath, cpath
 

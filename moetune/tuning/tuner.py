@@ -14,7 +14,6 @@ An M whose study holds a final result is never redone.
 from __future__ import annotations
 
 import multiprocessing as mp
-import os
 import queue
 import shutil
 import time
@@ -31,7 +30,7 @@ from tqdm import tqdm
 import moetune
 from moetune.errors import MoetuneError
 from moetune.models import MoeShape
-from moetune.tables import KNOBS, Config, default_config, load_sidecar, load_table, save_table
+from moetune.tables import KNOBS, Config, atomic_write_text, default_config, load_sidecar, load_table, save_table
 from moetune.tuning.bench import Bench, DeviceBroken
 from moetune.tuning.space import Space, space_for, to_config
 from moetune.tuning.study import (
@@ -216,10 +215,7 @@ def write_trials_csv(storage: BaseStorage, job: TableJob, path: Path) -> pd.Data
                 "duration_s": t.duration.total_seconds() if t.duration else None,
             })  # fmt: skip
     df = pd.DataFrame(rows, columns=TRIAL_COLUMNS)
-    tmp = path.with_name(f".{path.name}.tmp")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    df.to_csv(tmp, index=False)
-    os.replace(tmp, path)
+    atomic_write_text(path, df.to_csv(index=False))
     return df
 
 
