@@ -21,11 +21,12 @@ from typing import IO, Any
 import jsonschema
 
 from moetune.errors import MoetuneError, TableError
+from moetune.kernels.knobs import VLLM_KNOBS
 from moetune.models import DTYPES, MoeShape
 
 log = logging.getLogger("moetune")
 
-KNOBS = ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "GROUP_SIZE_M", "num_warps", "num_stages")
+KNOBS = tuple(VLLM_KNOBS)  # the six knobs a vLLM-format table holds
 # The token counts vLLM's tuner covers; ours covers the same so tables line up key for key.
 TOKEN_COUNTS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 256, 512, 1024, 1536, 2048, 3072, 4096)
 SIDECAR_SUFFIX = ".moetune.json"
