@@ -16,12 +16,12 @@ moetune() { python3 -m moetune.cli "$@"; }
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)'; } | tee "$R/device.txt"
 case $stage in
-kernel)
-  python3 -m pytest -q tests/test_fused_moe.py 2>&1 | tail -5 | tee "$R/pytest.txt"
-  for dt in fp8 bf16; do
-    moetune bench --model mixtral-8x7b --dtype "$dt" --batch-sizes all --csv "$R/bench-default-$dt.csv" 2>&1 | tee "$R/bench-default-$dt.txt"
-  done
-  python3 benchmarks/gemv_vs_tiled.py --dtype fp8 --csv "$R/gemv_vs_tiled-fp8.csv" 2>&1 | tail -12 | tee "$R/gemv_vs_tiled.txt"
+kernel)  # needs .anchor/ (vLLM's kernel, its tables, the side-by-side harness) carried too
+  timeout 230 python3 .anchor/vllm_side_by_side.py --anchor .anchor --out "$OUT/sbs_base.json" 2>&1 | tee "$OUT/sbs_base.txt"
+  timeout 90 python3 benchmarks/breakdown.py --table .anchor/configs --extra '[{}, {"fuse_silu": 1}]' --csv "$R/breakdown.csv" 2>&1 | tee "$OUT/breakdown.txt"
+  timeout 140 python3 .anchor/vllm_side_by_side.py --anchor .anchor --no-vllm --ours-config '{"fuse_silu": 1}' --out "$OUT/sbs_fused.json" 2>&1 | tee "$OUT/sbs_fused.txt"
+  timeout 50 python3 benchmarks/gemm_parity.py --dump "$R/ttgir" 2>&1 | tee "$OUT/gemm_parity.txt"
+  timeout 50 python3 benchmarks/gemv_vs_tiled.py --dtype fp8 --batch-sizes 1,4 --csv "$R/gemv_vs_tiled-fp8.csv" 2>&1 | tail -6 | tee "$OUT/gemv.txt"
   ;;
 tune)
   moetune run --model mixtral-8x7b --dtype fp8 --time-budget 8m --output "$R/tables" --run-dir "$R/run" 2>&1 | tee "$R/run.txt"

@@ -18,7 +18,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from moetune.kernels import attention, fused_moe, moe_gemv, routing  # noqa: E402
+from moetune.kernels import activation, attention, moe_gemm, moe_gemm_silu, moe_gemv, routing  # noqa: E402
 from moetune.tables import default_config  # noqa: E402
 
 HOPPER = GPUTarget("cuda", 90, 32)
@@ -26,7 +26,8 @@ HOPPER = GPUTarget("cuda", 90, 32)
 
 # Mixtral-8x7B TP1 sizes and strides (K=4096, N=14336), for the int arguments Triton specialises on
 MIXTRAL_INTS = dict(N=14336, K=4096, stride_am=4096, stride_ak=1, stride_be=28672 * 4096, stride_bn=4096,
-                    stride_bk=1, stride_cm=28672, stride_cn=1, stride_as=0, stride_h=28672, stride_out=14336,
+                    stride_bk=1, stride_cm=28672, stride_cn=1, stride_om=14336, stride_on=1, stride_h=28672, stride_out=14336,
+                    stride_in=28672,
                     stride_xt=4096, stride_we=28672 * 4096, stride_wn=4096, stride_wk=14336, stride_ot=4096)  # fmt: skip
 
 
@@ -60,8 +61,15 @@ def gemm_variants():
                 consts = {k: cfg[k] for k in ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "GROUP_SIZE_M")}
                 consts.update(A_ROW_DIV=row_div, MUL_ROUTED_WEIGHT=routed, USE_FP8=dtype == "fp8", EVEN_K=True,
                               INTERPRETED=False, UPCAST_DOT=False)  # fmt: skip
-                yield (f"moe_gemm/{dtype}/{gemm}/{name}", fused_moe._moe_gemm_kernel, types, consts,
+                yield (f"moe_gemm/{dtype}/{gemm}/{name}", moe_gemm._moe_gemm_kernel, types, consts,
                        cfg["num_warps"], cfg["num_stages"])  # fmt: skip
+            types = {"a_ptr": f"*{w}", "b_ptr": f"*{w}", "out_ptr": f"*{act}", "a_scale_ptr": "*fp32",
+                     "b_scale_ptr": "*fp32", "amax_ptr": "*fp32", "sorted_ids_ptr": "*i32",
+                     "expert_ids_ptr": "*i32", "num_padded_ptr": "*i32"}  # fmt: skip
+            consts = {k: cfg[k] for k in ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "GROUP_SIZE_M")}
+            consts.update(TOP_K=2, USE_FP8=dtype == "fp8", EVEN_K=True, INTERPRETED=False, UPCAST_DOT=False)
+            yield (f"moe_gemm_silu/{dtype}/{name}", moe_gemm_silu._moe_gemm_silu_kernel, types, consts,
+                   cfg["num_warps"], cfg["num_stages"])  # fmt: skip
 
 
 def other_variants():
@@ -70,14 +78,26 @@ def other_variants():
                {"logits_ptr": "*fp32", "weights_ptr": "*fp32", "ids_ptr": "*i32", "sorted_ids_ptr": "*i32",
                 "expert_ids_ptr": "*i32", "num_padded_ptr": "*i32"},
                dict(TOP_K=2, BLOCK_M=64, E_PAD=8, BLOCK_T=128, BLOCK_S=256, BLOCK_FILL=1024, ALIGN=align), 4, 1)  # fmt: skip
-    for out, quant in (("bf16", False), ("fp8e4nv", True)):
-        yield (f"silu_mul/{out}", fused_moe._silu_mul_kernel,
-               {"h_ptr": "*bf16", "out_ptr": f"*{out}", "scale_ptr": "*fp32"},
-               dict(BLOCK_N=1024, QUANT_FP8=quant, INTERPRETED=False), 4, 1)  # fmt: skip
-    yield "absmax", fused_moe._absmax_kernel, {"x_ptr": "*bf16", "amax_ptr": "*fp32"}, dict(BLOCK=1024), 4, 1
-    yield ("quant_fp8", fused_moe._quant_fp8_kernel,
-           {"x_ptr": "*bf16", "out_ptr": "*fp8e4nv", "amax_ptr": "*fp32", "scale_ptr": "*fp32"},
-           dict(BLOCK=1024, INTERPRETED=False), 4, 1)  # fmt: skip
+    for out, amax in (("bf16", False), ("bf16", True)):
+        yield (f"silu_mul/amax={amax}", activation._silu_mul_kernel,
+               {"h_ptr": "*bf16", "out_ptr": f"*{out}", "amax_ptr": "*fp32"},
+               dict(BLOCK_N=1024, AMAX=amax, INTERPRETED=False), 4, 1)  # fmt: skip
+    for silu, block in ((False, 4096), (True, 16384)):
+        yield (f"quantize_rows/silu={silu}", activation._quantize_rows_kernel,
+               {"in_ptr": "*bf16", "out_ptr": "*fp8e4nv", "scale_ptr": "*fp32"},
+               dict(BLOCK=block, SILU=silu, INTERPRETED=False), activation._row_warps(block), 1)  # fmt: skip
+    yield ("quantize_with_amax", activation._quantize_with_amax_kernel,
+           {"in_ptr": "*bf16", "out_ptr": "*fp8e4nv", "amax_ptr": "*fp32", "scale_ptr": "*fp32"},
+           dict(BLOCK=2048, INTERPRETED=False), 4, 1)  # fmt: skip
+    yield ("topk_sum", activation._topk_sum_kernel, {"y_ptr": "*bf16", "out_ptr": "*bf16"},
+           dict(TOP_K=2, BLOCK=1024, INTERPRETED=False), 4, 1)  # fmt: skip
+    yield ("route_count", routing._route_count_kernel,
+           {"logits_ptr": "*fp32", "weights_ptr": "*fp32", "ids_ptr": "*i32", "counts_ptr": "*i32", "pos_ptr": "*i32"},
+           dict(TOP_K=2, E_PAD=8, BLOCK_T=32, BLOCK_S=64), 4, 1)  # fmt: skip
+    yield ("align_place", routing._align_place_kernel,
+           {"ids_ptr": "*i32", "counts_ptr": "*i32", "pos_ptr": "*i32", "sorted_ids_ptr": "*i32",
+            "expert_ids_ptr": "*i32", "num_padded_ptr": "*i32"},
+           dict(BLOCK_M=64, E_PAD=8, BLOCK=1024), 4, 1)  # fmt: skip
     for w in ("bf16", "fp8e4nv"):
         fp8 = w == "fp8e4nv"
         yield (f"gemv_gate_up/{w}", moe_gemv._gemv_gate_up_kernel,

@@ -117,11 +117,15 @@ def test_zero_tokens_returns_empty():
     assert out.shape == (0, 32)
 
 
+@pytest.mark.parametrize("parallel", [False, True], ids=["one-program", "parallel"])
 @pytest.mark.parametrize("bm", [16, 64])
-@pytest.mark.parametrize("T,E,top_k", [(1, 8, 2), (37, 8, 2), (300, 4, 1), (5, 16, 3), (11, 6, 2)])
-def test_alignment_groups_every_slot_once_by_expert(T, E, top_k, bm):
+@pytest.mark.parametrize("T,E,top_k", [(1, 8, 2), (37, 8, 2), (300, 4, 1), (5, 16, 3), (11, 6, 2), (70, 6, 3)])
+def test_alignment_groups_every_slot_once_by_expert(T, E, top_k, bm, parallel):
     logits = torch.randn(T, E, device=DEVICE)
-    weights, ids, sorted_ids, expert_ids, num_padded = route_and_align(logits, top_k, bm, alloc=poisoned_alloc)
+    logits[: T // 2, 1] = -1e4  # an expert few tokens pick
+    weights, ids, sorted_ids, expert_ids, num_padded = route_and_align(
+        logits, top_k, bm, alloc=poisoned_alloc, parallel=parallel
+    )
     ref_w, ref_ids = torch.topk(torch.softmax(logits, -1), top_k)
     assert torch.equal(ids.long(), ref_ids)
     torch.testing.assert_close(weights, ref_w / ref_w.sum(-1, keepdim=True))
@@ -138,6 +142,36 @@ def test_alignment_groups_every_slot_once_by_expert(T, E, top_k, bm):
         block = block[block < T * top_k]
         assert (ids.flatten()[block.long()] == expert_ids[b]).all(), "a block holds one expert's slots"
     assert (expert_ids[num_padded.item() // bm :] == -1).all()
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "bf16", "fp8"])
+@pytest.mark.parametrize("T,top_k,bm,bn", [(1, 2, 16, 32), (37, 2, 32, 64), (29, 1, 64, 64), (150, 2, 16, 64)])
+def test_fused_silu_gemm1_matches_reference(dtype, T, top_k, bm, bn):
+    check(T, E=6, N=72, K=80, top_k=top_k, dtype=dtype, cfg=dict(config(bm, bn=bn, bk=32), fuse_silu=1), seed=T)
+
+
+@pytest.mark.parametrize("fuse", [0, 1])
+def test_fp8_with_experts_that_receive_no_token_and_many_slots(fuse):
+    # S = 300 slots takes the one-pass SiLU+quantise path; experts 2 and 5 get nothing
+    check(T=150, E=8, N=64, K=64, top_k=2, dtype="fp8", cfg=dict(config(64, bn=64), fuse_silu=fuse), dead=(2, 5))
+
+
+@pytest.mark.parametrize(
+    "cfg,message",
+    [
+        (dict(config(16), BLOCK_SIZE_M=16.0), "BLOCK_SIZE_M=16.0"),
+        (dict(config(16), BLOCK_SIZE_Q=4), "unknown knob 'BLOCK_SIZE_Q'"),
+        (dict(config(16), fuse_silu=2), "fuse_silu=2"),
+        (dict(config(16), kernel="cutlass"), "kernel='cutlass'"),
+        (dict(config(16, bn=16), fuse_silu=1), "BLOCK_SIZE_N >= 32"),
+        ({"BLOCK_SIZE_M": 16}, "missing knob"),
+        (dict(config(16), num_warps=[4]), "num_warps"),
+    ],
+)
+def test_bad_config_is_rejected_before_launch_naming_the_knob(cfg, message):
+    x, logits, w13, w2, _ = make_layer(3, 4, 32, 32, "fp16", 0)
+    with pytest.raises(MoetuneError, match=message.replace("[", r"\[").replace("(", r"\(")):
+        fm.fused_moe(x, logits, w13, w2, 2, cfg)
 
 
 @pytest.mark.parametrize(
