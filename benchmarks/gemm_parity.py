@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from moetune.kernels import moe_gemm as gemm_module
 from moetune.kernels.activation import quantize_rows
 from moetune.kernels.moe_gemm import moe_gemm
 from moetune.kernels.routing import route_and_align
@@ -65,6 +67,16 @@ def gemm_launches(bench: KernelBench, cfg: dict, M: int, vllm_kernel) -> dict[tu
     def ours(a, w, c, sa, sw, div, mul):
         return lambda: moe_gemm(a, w, c, sa, sw, *routing, div, mul, cfg)
 
+    def ours64(a, w, c, sa, sw, div, mul):  # the same, with 64-bit row offsets forced on
+        def run():
+            flags = gemm_module.dot_flags
+            gemm_module.dot_flags = lambda a, c: {**flags(a, c), "INDEX_64": True}
+            try:
+                moe_gemm(a, w, c, sa, sw, *routing, div, mul, cfg)
+            finally:
+                gemm_module.dot_flags = flags
+        return run
+
     def vllm(a, w, c, sa, sw, div, mul):
         grid = (triton.cdiv(EM, cfg["BLOCK_SIZE_M"]) * triton.cdiv(w.shape[1], cfg["BLOCK_SIZE_N"]),)
         sa = sa.max().reshape(1) if fp8 else None
@@ -74,7 +86,8 @@ def gemm_launches(bench: KernelBench, cfg: dict, M: int, vllm_kernel) -> dict[tu
             0, 0, 0, 0, 0, 0, 0, MUL_ROUTED_WEIGHT=mul, top_k=div, compute_type=tl.bfloat16,
             use_fp8_w8a8=fp8, use_int8_w8a8=False, use_int8_w8a16=False, per_channel_quant=False, **cfg)  # fmt: skip
 
-    return {(name, g): make(*args[g]) for name, make in (("ours", ours), ("vllm", vllm)) for g in (1, 2)}
+    makers = (("ours", ours), ("ours64", ours64), ("vllm", vllm))
+    return {(name, g): make(*args[g]) for name, make in makers for g in (1, 2)}
 
 
 def main() -> None:
@@ -84,6 +97,7 @@ def main() -> None:
     p.add_argument("--batch-sizes", default="1024,4096")
     p.add_argument("--dump", default="runs/ttgir")
     p.add_argument("--model", default="mixtral-8x7b", help="tiny: a CPU smoke test through the interpreter")
+    p.add_argument("--rounds", type=int, default=3)
     args = p.parse_args()
     sys.path.insert(0, str(Path(args.anchor).resolve()))
     from vllm_kernel import fused_moe_kernel
@@ -98,17 +112,22 @@ def main() -> None:
             cfg = table[nearest(table, M)]
             launches = gemm_launches(bench, cfg, M, fused_moe_kernel)
             for gemm in (1, 2):
-                t_ours = time_us(launches["ours", gemm], reps=20, inner=4)
-                t_vllm = time_us(launches["vllm", gemm], reps=20, inner=4)
-                rows.append(dict(dtype=dtype, M=M, gemm=gemm, ours_us=t_ours, vllm_us=t_vllm, ratio=t_vllm / t_ours,
-                                 config=json.dumps(cfg)))  # fmt: skip
+                # interleaved rounds, median per kernel: clock and power drift hit every kernel alike
+                times = {name: [] for name in ("ours", "ours64", "vllm")}
+                for _ in range(args.rounds):
+                    for name in times:
+                        times[name].append(time_us(launches[name, gemm], reps=10, inner=4))
+                t = {name: statistics.median(v) for name, v in times.items()}
+                rows.append(dict(dtype=dtype, M=M, gemm=gemm, ours_us=t["ours"], ours64_us=t["ours64"],
+                                 vllm_us=t["vllm"], ratio=t["vllm"] / t["ours"], config=json.dumps(cfg)))  # fmt: skip
                 print(json.dumps(rows[-1]), flush=True)
             if torch.cuda.is_available():
                 dump_ttgir(Path(args.dump), f"{dtype}_M{M}", fused_moe_kernel)
         del bench
-    print(f"\n{'dtype':5} {'M':>5} {'gemm':>4} {'ours_us':>9} {'vllm_us':>9} {'vllm/ours':>9}")
+    print(f"\n{'dtype':5} {'M':>5} {'gemm':>4} {'ours_us':>9} {'ours64_us':>9} {'vllm_us':>9} {'vllm/ours':>9}")
     for r in rows:
-        print(f"{r['dtype']:5} {r['M']:5d} {r['gemm']:4d} {r['ours_us']:9.1f} {r['vllm_us']:9.1f} {r['ratio']:9.3f}")
+        us = " ".join(f"{r[k]:9.1f}" for k in ("ours_us", "ours64_us", "vllm_us"))
+        print(f"{r['dtype']:5} {r['M']:5d} {r['gemm']:4d} {us} {r['ratio']:9.3f}")
 
 
 if __name__ == "__main__":

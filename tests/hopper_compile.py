@@ -60,14 +60,14 @@ def gemm_variants():
                          "expert_ids_ptr": "*i32", "num_padded_ptr": "*i32"}  # fmt: skip
                 consts = {k: cfg[k] for k in ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "GROUP_SIZE_M")}
                 consts.update(A_ROW_DIV=row_div, MUL_ROUTED_WEIGHT=routed, USE_FP8=dtype == "fp8", EVEN_K=True,
-                              INTERPRETED=False, UPCAST_DOT=False)  # fmt: skip
+                              INDEX_64=False, INTERPRETED=False, UPCAST_DOT=False)  # fmt: skip
                 yield (f"moe_gemm/{dtype}/{gemm}/{name}", moe_gemm._moe_gemm_kernel, types, consts,
                        cfg["num_warps"], cfg["num_stages"])  # fmt: skip
             types = {"a_ptr": f"*{w}", "b_ptr": f"*{w}", "out_ptr": f"*{act}", "a_scale_ptr": "*fp32",
                      "b_scale_ptr": "*fp32", "amax_ptr": "*fp32", "sorted_ids_ptr": "*i32",
                      "expert_ids_ptr": "*i32", "num_padded_ptr": "*i32"}  # fmt: skip
             consts = {k: cfg[k] for k in ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "GROUP_SIZE_M")}
-            consts.update(TOP_K=2, USE_FP8=dtype == "fp8", EVEN_K=True, INTERPRETED=False, UPCAST_DOT=False)
+            consts.update(TOP_K=2, USE_FP8=dtype == "fp8", EVEN_K=True, INDEX_64=False, INTERPRETED=False, UPCAST_DOT=False)
             yield (f"moe_gemm_silu/{dtype}/{name}", moe_gemm_silu._moe_gemm_silu_kernel, types, consts,
                    cfg["num_warps"], cfg["num_stages"])  # fmt: skip
 

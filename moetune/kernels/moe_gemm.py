@@ -40,10 +40,14 @@ def tile_coords(EM, N_COLS, BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constex
 
 
 @triton.jit
-def tile_rows(sorted_ids_ptr, expert_ids_ptr, pid_m, num_slots, BLOCK_SIZE_M: tl.constexpr):
-    """The slots of row-block pid_m (int64), which of them are real (padding holds num_slots), and
-    the block's expert."""
-    slots = tl.load(sorted_ids_ptr + pid_m * BLOCK_SIZE_M + tl.arange(0, BLOCK_SIZE_M)).to(tl.int64)
+def tile_rows(sorted_ids_ptr, expert_ids_ptr, pid_m, num_slots, BLOCK_SIZE_M: tl.constexpr, INDEX_64: tl.constexpr):
+    """The slots of row-block pid_m, which of them are real (padding holds num_slots), and the block's
+    expert (int64: expert x expert stride passes 2**31 at Mixtral sizes). Slots stay int32 unless an
+    A or C offset can pass 2**31 (INDEX_64, decided on the host): 64-bit row math costs registers in
+    every program, for tensors few layers ever see."""
+    slots = tl.load(sorted_ids_ptr + pid_m * BLOCK_SIZE_M + tl.arange(0, BLOCK_SIZE_M))
+    if INDEX_64:
+        slots = slots.to(tl.int64)
     return slots, slots < num_slots, tl.load(expert_ids_ptr + pid_m).to(tl.int64)
 
 
@@ -56,7 +60,7 @@ def _moe_gemm_kernel(
     BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr,
     GROUP_SIZE_M: tl.constexpr,
     A_ROW_DIV: tl.constexpr,  # GEMM1 reads token = slot // top_k; GEMM2 reads its own slot row (1)
-    MUL_ROUTED_WEIGHT: tl.constexpr, USE_FP8: tl.constexpr, EVEN_K: tl.constexpr,
+    MUL_ROUTED_WEIGHT: tl.constexpr, USE_FP8: tl.constexpr, EVEN_K: tl.constexpr, INDEX_64: tl.constexpr,
     INTERPRETED: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):
     """C[slot, :] = A[slot // A_ROW_DIV, :] @ B[expert].T for one BLOCK_SIZE_M x BLOCK_SIZE_N tile."""
@@ -64,7 +68,7 @@ def _moe_gemm_kernel(
     # The grid is sized for the worst-case padding; blocks past the real end have nothing to do.
     if pid_m * BLOCK_SIZE_M >= tl.load(num_padded_ptr):
         return
-    slots, slot_ok, expert = tile_rows(sorted_ids_ptr, expert_ids_ptr, pid_m, num_slots, BLOCK_SIZE_M)
+    slots, slot_ok, expert = tile_rows(sorted_ids_ptr, expert_ids_ptr, pid_m, num_slots, BLOCK_SIZE_M, INDEX_64)
 
     offs_n = pid_n * BLOCK_SIZE_N + tl.arange(0, BLOCK_SIZE_N)
     offs_bn = offs_n % N  # wrap instead of masking the weight loads; wrapped columns are never stored
@@ -97,9 +101,11 @@ def _moe_gemm_kernel(
     tl.store(c_ptrs, downcast(acc, c_ptr.dtype.element_ty, INTERPRETED), mask=slot_ok[:, None] & (offs_n[None, :] < N))
 
 
-def dot_flags(a: Tensor) -> dict[str, bool]:
-    """Constexprs every GEMM launch passes: the interpreter's workarounds, decided on the host."""
-    return dict(INTERPRETED=interpreting(), UPCAST_DOT=interpreting() and a.dtype == torch.bfloat16)
+def dot_flags(a: Tensor, c: Tensor) -> dict[str, bool]:
+    """Constexprs every GEMM launch passes, decided on the host: whether row offsets into A or C need
+    64 bits, and the interpreter's workarounds."""
+    return dict(INDEX_64=max(a.shape[0] * a.stride(0), c.shape[0] * c.stride(0)) >= 2**31, INTERPRETED=interpreting(),
+                UPCAST_DOT=interpreting() and a.dtype == torch.bfloat16)  # fmt: skip
 
 
 def moe_gemm(
@@ -119,5 +125,5 @@ def moe_gemm(
         a.stride(0), a.stride(1), w.stride(0), w.stride(1), w.stride(2), c.stride(0), c.stride(1),
         BLOCK_SIZE_M=bm, BLOCK_SIZE_N=bn, BLOCK_SIZE_K=bk, GROUP_SIZE_M=config["GROUP_SIZE_M"],
         A_ROW_DIV=a_row_div, MUL_ROUTED_WEIGHT=mul_routed_weight, USE_FP8=use_fp8, EVEN_K=K % bk == 0,
-        num_warps=config["num_warps"], num_stages=config["num_stages"], **dot_flags(a),
+        num_warps=config["num_warps"], num_stages=config["num_stages"], **dot_flags(a, c),
     )  # fmt: skip

@@ -34,13 +34,13 @@ def _moe_gemm_silu_kernel(
     stride_am, stride_ak, stride_be, stride_bn, stride_bk, stride_om, stride_on,
     BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr,
     GROUP_SIZE_M: tl.constexpr, TOP_K: tl.constexpr, USE_FP8: tl.constexpr, EVEN_K: tl.constexpr,
-    INTERPRETED: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    INDEX_64: tl.constexpr, INTERPRETED: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):
     HALF: tl.constexpr = BLOCK_SIZE_N // 2
     pid_m, pid_n = tile_coords(EM, N, BLOCK_SIZE_M, HALF, GROUP_SIZE_M)
     if pid_m * BLOCK_SIZE_M >= tl.load(num_padded_ptr):
         return
-    slots, slot_ok, expert = tile_rows(sorted_ids_ptr, expert_ids_ptr, pid_m, num_slots, BLOCK_SIZE_M)
+    slots, slot_ok, expert = tile_rows(sorted_ids_ptr, expert_ids_ptr, pid_m, num_slots, BLOCK_SIZE_M, INDEX_64)
 
     offs_n = pid_n * HALF + tl.arange(0, HALF)
     offs_k = tl.arange(0, BLOCK_SIZE_K)
@@ -99,5 +99,5 @@ def moe_gemm_silu(
         a.stride(0), a.stride(1), w13.stride(0), w13.stride(1), w13.stride(2), out.stride(0), out.stride(1),
         BLOCK_SIZE_M=bm, BLOCK_SIZE_N=bn, BLOCK_SIZE_K=bk, GROUP_SIZE_M=config["GROUP_SIZE_M"],
         TOP_K=top_k, USE_FP8=use_fp8, EVEN_K=K % bk == 0,
-        num_warps=config["num_warps"], num_stages=config["num_stages"], **dot_flags(a),
+        num_warps=config["num_warps"], num_stages=config["num_stages"], **dot_flags(a, out),
     )  # fmt: skip
