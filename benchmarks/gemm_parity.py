@@ -26,11 +26,20 @@ from moetune.kernels.moe_gemm import moe_gemm
 from moetune.kernels.routing import route_and_align
 from moetune.models import get_model, moe_shape
 from moetune.tables import nearest, parse_token_counts
-from moetune.timing import time_us
+from moetune.timing import median_us, time_us
 from moetune.tuning.bench import KernelBench
 
 VLLM_TABLES = {"bf16": "E=8,N=14336,device_name=NVIDIA_H200.json",
                "fp8": "E=8,N=14336,device_name=NVIDIA_H100_80GB_HBM3,dtype=fp8_w8a8.json"}  # fmt: skip
+
+
+VARIANTS = ("ours", "ours64", "ours_maskk", "vllm")
+
+
+def eager_us(fn, reps: int) -> float:
+    """Median µs of single launches, each between two events (no graph)."""
+    fn()
+    return median_us(fn, reps=reps, warmup=2, cuda=torch.cuda.is_available())
 
 
 def dump_ttgir(folder: Path, tag: str, vllm_kernel) -> None:
@@ -67,15 +76,17 @@ def gemm_launches(bench: KernelBench, cfg: dict, M: int, vllm_kernel) -> dict[tu
     def ours(a, w, c, sa, sw, div, mul):
         return lambda: moe_gemm(a, w, c, sa, sw, *routing, div, mul, cfg)
 
-    def ours64(a, w, c, sa, sw, div, mul):  # the same, with 64-bit row offsets forced on
-        def run():
-            flags = gemm_module.dot_flags
-            gemm_module.dot_flags = lambda a, c: {**flags(a, c), "INDEX_64": True}
-            try:
-                moe_gemm(a, w, c, sa, sw, *routing, div, mul, cfg)
-            finally:
-                gemm_module.dot_flags = flags
-        return run
+    def ours_with(**forced):  # ours, with some host-decided constexprs forced (64-bit offsets, K masks)
+        def make(a, w, c, sa, sw, div, mul):
+            def run():
+                flags = gemm_module.dot_flags
+                gemm_module.dot_flags = lambda *args: {**flags(*args), **forced}
+                try:
+                    moe_gemm(a, w, c, sa, sw, *routing, div, mul, cfg)
+                finally:
+                    gemm_module.dot_flags = flags
+            return run
+        return make
 
     def vllm(a, w, c, sa, sw, div, mul):
         grid = (triton.cdiv(EM, cfg["BLOCK_SIZE_M"]) * triton.cdiv(w.shape[1], cfg["BLOCK_SIZE_N"]),)
@@ -86,7 +97,8 @@ def gemm_launches(bench: KernelBench, cfg: dict, M: int, vllm_kernel) -> dict[tu
             0, 0, 0, 0, 0, 0, 0, MUL_ROUTED_WEIGHT=mul, top_k=div, compute_type=tl.bfloat16,
             use_fp8_w8a8=fp8, use_int8_w8a8=False, use_int8_w8a16=False, per_channel_quant=False, **cfg)  # fmt: skip
 
-    makers = (("ours", ours), ("ours64", ours64), ("vllm", vllm))
+    makers = (("ours", ours), ("ours64", ours_with(INDEX_64=True)), ("ours_maskk", ours_with(EVEN_K=False)),
+              ("vllm", vllm))
     return {(name, g): make(*args[g]) for name, make in makers for g in (1, 2)}
 
 
@@ -113,21 +125,25 @@ def main() -> None:
             launches = gemm_launches(bench, cfg, M, fused_moe_kernel)
             for gemm in (1, 2):
                 # interleaved rounds, median per kernel: clock and power drift hit every kernel alike
-                times = {name: [] for name in ("ours", "ours64", "vllm")}
+                times = {name: [] for name in VARIANTS}
+                eager = {name: [] for name in VARIANTS}
                 for _ in range(args.rounds):
                     for name in times:
                         times[name].append(time_us(launches[name, gemm], reps=10, inner=4))
-                t = {name: statistics.median(v) for name, v in times.items()}
-                rows.append(dict(dtype=dtype, M=M, gemm=gemm, ours_us=t["ours"], ours64_us=t["ours64"],
-                                 vllm_us=t["vllm"], ratio=t["vllm"] / t["ours"], config=json.dumps(cfg)))  # fmt: skip
+                        eager[name].append(eager_us(launches[name, gemm], reps=10))
+                rows.append(dict(dtype=dtype, M=M, gemm=gemm, config=json.dumps(cfg),
+                                 **{f"{n}_us": statistics.median(v) for n, v in times.items()},
+                                 **{f"{n}_eager_us": statistics.median(v) for n, v in eager.items()}))  # fmt: skip
+                rows[-1]["ratio"] = rows[-1]["vllm_us"] / rows[-1]["ours_us"]
                 print(json.dumps(rows[-1]), flush=True)
             if torch.cuda.is_available():
                 dump_ttgir(Path(args.dump), f"{dtype}_M{M}", fused_moe_kernel)
         del bench
-    print(f"\n{'dtype':5} {'M':>5} {'gemm':>4} {'ours_us':>9} {'ours64_us':>9} {'vllm_us':>9} {'vllm/ours':>9}")
+    cols = [f"{n}{kind}_us" for kind in ("", "_eager") for n in VARIANTS]
+    print("\ngraph: CUDA-graph replays; eager: one launch between events. " + "dtype M gemm " + " ".join(cols))
     for r in rows:
-        us = " ".join(f"{r[k]:9.1f}" for k in ("ours_us", "ours64_us", "vllm_us"))
-        print(f"{r['dtype']:5} {r['M']:5d} {r['gemm']:4d} {us} {r['ratio']:9.3f}")
+        us = " ".join(f"{r[c]:9.1f}" for c in cols)
+        print(f"{r['dtype']:5} {r['M']:5d} {r['gemm']:4d} {us} {r['ratio']:6.3f}")
 
 
 if __name__ == "__main__":

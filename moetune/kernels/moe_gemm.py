@@ -101,11 +101,12 @@ def _moe_gemm_kernel(
     tl.store(c_ptrs, downcast(acc, c_ptr.dtype.element_ty, INTERPRETED), mask=slot_ok[:, None] & (offs_n[None, :] < N))
 
 
-def dot_flags(a: Tensor, c: Tensor) -> dict[str, bool]:
-    """Constexprs every GEMM launch passes, decided on the host: whether row offsets into A or C need
-    64 bits, and the interpreter's workarounds."""
-    return dict(INDEX_64=max(a.shape[0] * a.stride(0), c.shape[0] * c.stride(0)) >= 2**31, INTERPRETED=interpreting(),
-                UPCAST_DOT=interpreting() and a.dtype == torch.bfloat16)  # fmt: skip
+def dot_flags(a: Tensor, c: Tensor, block_k: int) -> dict[str, bool]:
+    """Constexprs every GEMM launch passes, decided on the host: whether the K loop needs masks,
+    whether row offsets into A or C need 64 bits, and the interpreter's workarounds."""
+    return dict(EVEN_K=a.shape[1] % block_k == 0,
+                INDEX_64=max(a.shape[0] * a.stride(0), c.shape[0] * c.stride(0)) >= 2**31,
+                INTERPRETED=interpreting(), UPCAST_DOT=interpreting() and a.dtype == torch.bfloat16)  # fmt: skip
 
 
 def moe_gemm(
@@ -124,6 +125,6 @@ def moe_gemm(
         N, K, EM, topk_weights.numel(),
         a.stride(0), a.stride(1), w.stride(0), w.stride(1), w.stride(2), c.stride(0), c.stride(1),
         BLOCK_SIZE_M=bm, BLOCK_SIZE_N=bn, BLOCK_SIZE_K=bk, GROUP_SIZE_M=config["GROUP_SIZE_M"],
-        A_ROW_DIV=a_row_div, MUL_ROUTED_WEIGHT=mul_routed_weight, USE_FP8=use_fp8, EVEN_K=K % bk == 0,
-        num_warps=config["num_warps"], num_stages=config["num_stages"], **dot_flags(a, c),
+        A_ROW_DIV=a_row_div, MUL_ROUTED_WEIGHT=mul_routed_weight, USE_FP8=use_fp8,
+        num_warps=config["num_warps"], num_stages=config["num_stages"], **dot_flags(a, c, bk),
     )  # fmt: skip
