@@ -74,8 +74,10 @@ def _moe_gemm_kernel(
     offs_bn = offs_n % N  # wrap instead of masking the weight loads; wrapped columns are never stored
     offs_k = tl.arange(0, BLOCK_SIZE_K)
     a_rows = slots // A_ROW_DIV
-    a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_k[None, :] * stride_ak
-    b_ptrs = b_ptr + expert * stride_be + offs_k[:, None] * stride_bk + offs_bn[None, :] * stride_bn
+    # Offsets summed before one pointer add: two chained adds cost the pipelined loop extra 64-bit
+    # pointer arithmetic on its critical path (SASS: IMAD.WIDE + moves per stage).
+    a_ptrs = a_ptr + (a_rows[:, None] * stride_am + offs_k[None, :] * stride_ak)
+    b_ptrs = b_ptr + expert * stride_be + (offs_k[:, None] * stride_bk + offs_bn[None, :] * stride_bn)
 
     acc = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=tl.float32)
     for k in range(0, tl.cdiv(K, BLOCK_SIZE_K)):
