@@ -7,7 +7,7 @@ tables mean the same to vLLM's kernel):
 fp8 (w8a8): A is e4m3 with one scale per A row (per token for x, per slot for act), W is e4m3 with one
 scale per expert; both are applied once after the K loop.
 
-`tile_coords` and `tile_rows` are shared with the fused-SiLU GEMM1 (moe_gemm_silu.py).
+`tile_coords`, `tile_rows` and `k_loop` are shared with the fused-SiLU GEMM1 (moe_gemm_silu.py).
 """
 
 from __future__ import annotations
@@ -52,6 +52,29 @@ def tile_rows(sorted_ids_ptr, expert_ids_ptr, pid_m, num_slots, BLOCK_SIZE_M: tl
 
 
 @triton.jit
+def k_loop(a_ptrs, b_ptrs, slot_ok, K, stride_ak, stride_bk, BLOCK_SIZE_M: tl.constexpr,
+           BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr, EVEN_K: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """fp32 [BM, BN] = sum over K of A tile @ B tile; rows of A outside slot_ok read as zeros."""
+    offs_k = tl.arange(0, BLOCK_SIZE_K)
+    acc = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_SIZE_K)):
+        if EVEN_K:
+            a = tl.load(a_ptrs, mask=slot_ok[:, None], other=0.0)
+            b = tl.load(b_ptrs)
+        else:
+            k_left = K - k * BLOCK_SIZE_K
+            a = tl.load(a_ptrs, mask=slot_ok[:, None] & (offs_k[None, :] < k_left), other=0.0)
+            b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+        if UPCAST_DOT:  # bf16 under the CPU interpreter, whose bf16 dot is wrong
+            acc += tl.dot(a.to(tl.float32), b.to(tl.float32))
+        else:
+            acc = tl.dot(a, b, acc)
+        a_ptrs += BLOCK_SIZE_K * stride_ak
+        b_ptrs += BLOCK_SIZE_K * stride_bk
+    return acc
+
+
+@triton.jit
 def _moe_gemm_kernel(
     a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, topk_weights_ptr,
     sorted_ids_ptr, expert_ids_ptr, num_padded_ptr,
@@ -79,21 +102,8 @@ def _moe_gemm_kernel(
     a_ptrs = a_ptr + (a_rows[:, None] * stride_am + offs_k[None, :] * stride_ak)
     b_ptrs = b_ptr + expert * stride_be + (offs_k[:, None] * stride_bk + offs_bn[None, :] * stride_bn)
 
-    acc = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=tl.float32)
-    for k in range(0, tl.cdiv(K, BLOCK_SIZE_K)):
-        if EVEN_K:
-            a = tl.load(a_ptrs, mask=slot_ok[:, None], other=0.0)
-            b = tl.load(b_ptrs)
-        else:
-            k_left = K - k * BLOCK_SIZE_K
-            a = tl.load(a_ptrs, mask=slot_ok[:, None] & (offs_k[None, :] < k_left), other=0.0)
-            b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
-        if UPCAST_DOT:  # bf16 under the CPU interpreter, whose bf16 dot is wrong
-            acc += tl.dot(a.to(tl.float32), b.to(tl.float32))
-        else:
-            acc = tl.dot(a, b, acc)
-        a_ptrs += BLOCK_SIZE_K * stride_ak
-        b_ptrs += BLOCK_SIZE_K * stride_bk
+    acc = k_loop(a_ptrs, b_ptrs, slot_ok, K, stride_ak, stride_bk,
+                 BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K, EVEN_K, UPCAST_DOT)  # fmt: skip
 
     if USE_FP8:  # dequantise once, after the K loop: a per-A-row x per-expert scale
         acc = acc * tl.load(a_scale_ptr + a_rows, mask=slot_ok, other=0.0)[:, None] * tl.load(b_scale_ptr + expert)

@@ -25,7 +25,7 @@ import triton.language as tl
 from torch import Tensor
 
 from moetune.kernels.interp import downcast
-from moetune.kernels.moe_gemm import FP8, dot_flags, tile_coords, tile_rows
+from moetune.kernels.moe_gemm import FP8, dot_flags, k_loop, tile_coords, tile_rows
 
 
 @triton.jit
@@ -55,21 +55,8 @@ def _moe_gemm_silu_kernel(
     a_ptrs = a_ptr + (tokens[:, None] * stride_am + offs_k[None, :] * stride_ak)
     b_ptrs = b_ptr + expert * stride_be + (offs_k[:, None] * stride_bk + w_rows[None, :] * stride_bn)
 
-    acc = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=tl.float32)
-    for k in range(0, tl.cdiv(K, BLOCK_SIZE_K)):
-        if EVEN_K:
-            a = tl.load(a_ptrs, mask=slot_ok[:, None], other=0.0)
-            b = tl.load(b_ptrs)
-        else:
-            k_left = K - k * BLOCK_SIZE_K
-            a = tl.load(a_ptrs, mask=slot_ok[:, None] & (offs_k[None, :] < k_left), other=0.0)
-            b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
-        if UPCAST_DOT:  # bf16 under the CPU interpreter, whose bf16 dot is wrong
-            acc += tl.dot(a.to(tl.float32), b.to(tl.float32))
-        else:
-            acc = tl.dot(a, b, acc)
-        a_ptrs += BLOCK_SIZE_K * stride_ak
-        b_ptrs += BLOCK_SIZE_K * stride_bk
+    acc = k_loop(a_ptrs, b_ptrs, slot_ok, K, stride_ak, stride_bk,
+                 BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K, EVEN_K, UPCAST_DOT)  # fmt: skip
 
     if USE_FP8:
         acc = acc * tl.load(a_scale_ptr + tokens, mask=slot_ok, other=0.0)[:, None] * tl.load(b_scale_ptr + expert)
