@@ -41,6 +41,7 @@ from moetune.serve.protocol import BadRequest, Request, TextStream
 log = logging.getLogger("moetune.serve")
 
 GRACE_S = 2.0  # on SIGTERM, in-flight requests get this long before they are cancelled
+BACKLOG = 4096  # connections the kernel queues: a burst of clients must wait, never be reset
 
 
 @dataclass
@@ -517,6 +518,18 @@ class Run:
 # ----------------------------------------------------------------------------------------------- process
 
 
+class _Uvicorn(uvicorn.Server):
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        # End what is in flight first (a 503 event, then [DONE]), so uvicorn finds the connections done
+        # instead of cancelling their tasks after its grace period with a traceback each.
+        await asyncio.to_thread(self._engine_loop.stop)
+        await super().shutdown(sockets)
+
+    def __init__(self, config: uvicorn.Config, engine_loop: EngineLoop) -> None:
+        super().__init__(config)
+        self._engine_loop = engine_loop
+
+
 class Server:
     """Bind now (so a busy port fails at once), serve on serve_forever(); uvicorn handles SIGINT/SIGTERM."""
 
@@ -526,6 +539,7 @@ class Server:
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             self.sock.bind((host, port))
+            self.sock.listen(BACKLOG)  # now: clients that connect before uvicorn starts wait in the backlog
         except OSError:
             self.sock.close()
             raise
@@ -533,8 +547,8 @@ class Server:
         self.openai = OpenAIServer(engine)
         self.loop = self.openai.loop
         config = uvicorn.Config(self.openai.app, log_level="warning", access_log=False, lifespan="on",
-                                timeout_graceful_shutdown=GRACE_S, backlog=4096)  # fmt: skip
-        self.uvicorn = uvicorn.Server(config)
+                                timeout_graceful_shutdown=GRACE_S, backlog=BACKLOG)  # fmt: skip
+        self.uvicorn = _Uvicorn(config, self.loop)
 
     @property
     def url(self) -> str:
