@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -238,3 +239,14 @@ def test_a_sequence_that_fails_inside_a_step_errors_only_its_own_request(tiny_ch
         s.shutdown()
         t.join(5)
         s.close()
+
+
+@needs_runtime
+def test_load_script_runs_end_to_end_on_the_tiny_model():
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "load_openai.py"
+    r = subprocess.run([sys.executable, str(script), "--spawn-tiny", "--concurrency", "2", "--max-tokens", "3"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    head, row = r.stdout.splitlines()[-2:]
+    assert head.split()[:3] == ["concurrency", "requests", "tok/s"] and head.split()[-1] == "dropped"
+    assert row.split()[:2] == ["2", "2"] and row.split()[-1] == "0"
