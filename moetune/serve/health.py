@@ -15,6 +15,7 @@ import time
 import torch
 
 from moetune.errors import MoetuneError
+from moetune.models import ModelSpec
 from moetune.runtime.config import RUNTIME_DTYPES, EngineConfig, resolve
 from moetune.runtime.model_runner import MAX_GRAPH_BATCH, moe_tables
 from moetune.tables import ConfigTable, nearest, sidecar_path
@@ -46,12 +47,20 @@ def check_moe_table(config: EngineConfig) -> None:
     table = moe_tables(cfg, shard).active
     if table.path is None:
         return  # vLLM's default configs: nothing of the user's to check
+    try:
+        _run_buckets(cfg, spec, shard.intermediate_size, table)
+    finally:  # hand the check's memory back: the KV cache is sized from what the GPU has free
+        if cfg.device == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _run_buckets(cfg: EngineConfig, spec: ModelSpec, N: int, table: ConfigTable) -> None:
     from moetune.kernels.fused_moe import fused_moe, quantize_fp8_per_expert
     from moetune.kernels.reference import moe_reference, rel_err
 
     act, expert = RUNTIME_DTYPES[cfg.dtype]
     act = torch.bfloat16 if act == torch.float32 else act  # the kernel takes 16-bit activations only
-    dev, E, H, N = torch.device(cfg.device), spec.num_experts, spec.hidden_size, shard.intermediate_size
+    dev, E, H = torch.device(cfg.device), spec.num_experts, spec.hidden_size
     g = torch.Generator(device=dev).manual_seed(0)
     w13 = torch.randn(E, 2 * N, H, generator=g, device=dev, dtype=act) / H**0.5
     w2 = torch.randn(E, H, N, generator=g, device=dev, dtype=act) / N**0.5
@@ -75,6 +84,5 @@ def check_moe_table(config: EngineConfig) -> None:
         if not err < TOLERANCE:
             raise MoetuneError(f"{_source(table, M)}: M={M}: config {conf} computes wrong results "
                                f"(relative error {err:.3g} against the reference)")  # fmt: skip
-    del w13, w2
     log.info("MoE table %s: decode buckets %s run and match the reference (%.1f s)",
              table.path, buckets, time.perf_counter() - t0)  # fmt: skip

@@ -147,9 +147,9 @@ def _unsupported(body: _Sampling) -> None:
         raise BadRequest("n must be 1; this server returns one choice per request", param="n")
     if body.presence_penalty or body.frequency_penalty or body.logit_bias:
         raise BadRequest("presence_penalty, frequency_penalty and logit_bias are not supported")
-    extra = body.model_dump(include={"logprobs", "top_logprobs", "echo", "suffix"}, exclude_defaults=True)
+    extra = [k for k in ("logprobs", "top_logprobs", "echo", "suffix") if getattr(body, k, None)]  # 0/false: off
     if getattr(body, "best_of", None) not in (None, 1):
-        extra["best_of"] = body.best_of
+        extra.append("best_of")
     if extra:
         raise BadRequest(f"not supported by this server: {', '.join(sorted(extra))}", param=sorted(extra)[0])
 

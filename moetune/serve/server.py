@@ -18,10 +18,10 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import uvicorn
@@ -39,6 +39,7 @@ from moetune.serve import protocol as P
 from moetune.serve.protocol import BadRequest, Request, TextStream
 
 log = logging.getLogger("moetune.serve")
+T = TypeVar("T")
 
 GRACE_S = 2.0  # on SIGTERM, in-flight requests get this long before they are cancelled
 BACKLOG = 4096  # connections the kernel queues: a burst of clients must wait, never be reset
@@ -368,34 +369,25 @@ class OpenAIServer:
         except MoetuneError as e:
             raise BadRequest(str(e)) from None
         run = Run(self, req, self.loop.submit(req.prompt_ids, params), arrived)
-        first = await run.next()  # before any byte is sent, an error can still have its own status
-        if first[1].error and not first[0]:
+        try:
+            if not req.stream:
+                try:
+                    text, ev = await _unless_gone(run.collect(), request)
+                finally:
+                    run.close()
+                return self._whole(run, text, ev, chat)
+            # wait for the first tokens before answering: an error can still have its own HTTP status
+            first = await _unless_gone(run.next(), request)
+        except ClientGone:
+            run.close()  # aborts it: a request nobody reads must not keep its slot in the batch
+            return Response(status_code=499)
+        if first[1].error:
             run.close()
             return error_response(first[1].status, first[1].error)
-        if req.stream:
-            return StreamingResponse(self._sse(run, first, chat), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})  # fmt: skip
-        return await self._whole(run, first, chat, request)
+        return StreamingResponse(self._sse(run, first, chat), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})  # fmt: skip
 
-    async def _whole(self, run: Run, first: tuple[str, Event], chat: bool, request: HTTPRequest) -> Response:
-        async def collect() -> tuple[str, Event]:
-            text, ev = first
-            while not ev.finished:
-                delta, ev = await run.next()
-                text += delta
-            return text, ev
-
-        work, gone = asyncio.ensure_future(collect()), asyncio.ensure_future(_disconnected(request))
-        try:
-            await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            gone.cancel()
-            if not work.done():  # the client left: its request must not keep a slot in the batch
-                work.cancel()
-            run.close()
-        if work.cancelled():
-            return Response(status_code=499)
-        text, ev = work.result()
+    def _whole(self, run: Run, text: str, ev: Event, chat: bool) -> Response:
         if ev.error:
             return error_response(ev.status, ev.error)
         rid, now, usage = uuid.uuid4().hex, int(time.time()), run.usage()
@@ -452,10 +444,28 @@ def _data(obj: Any) -> str:
     return f"data: {json.dumps(obj)}\n\n"
 
 
+class ClientGone(Exception):
+    pass
+
+
 async def _disconnected(request: HTTPRequest) -> None:
     """Returns when the client hangs up (the body is already read, so the next message is the disconnect)."""
     while (await request.receive())["type"] != "http.disconnect":
         pass
+
+
+async def _unless_gone(work: Awaitable[T], request: HTTPRequest) -> T:
+    """work's result, or ClientGone (work cancelled) if the client hangs up first."""
+    task, gone = asyncio.ensure_future(work), asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()  # before a StreamingResponse starts listening for the disconnect itself
+        if not task.done():
+            task.cancel()
+    if task.cancelled():
+        raise ClientGone
+    return task.result()
 
 
 class Run:
@@ -484,6 +494,14 @@ class Run:
             ev = Event([], True, "stop")
         self.done = ev.finished
         return delta, ev
+
+    async def collect(self) -> tuple[str, Event]:
+        """The whole reply: all text and the final event."""
+        text, ev = await self.next()
+        while not ev.finished and not ev.error:
+            delta, ev = await self.next()
+            text += delta
+        return text, ev
 
     def _observe(self, n: int) -> None:
         if not n:
