@@ -1,10 +1,11 @@
 """Load an OpenAI-compatible server with the official `openai` client and print what clients see.
 
-For each concurrency C, C clients start together; each streams `--rounds` completions of `--max-tokens`
-tokens (ignore_eos, so every request is the same length). One table row per C: tok/s over the wall time,
-p50/p99 request latency, p50/p99 time to first token, and dropped requests (no complete reply: connection
-reset, timeout, HTTP error). With --engine-results (the JSON `python -m moetune.serve` writes) a column
-gives tok/s as a share of the engine's own decode rate at batch C.
+For each concurrency C, C clients (split over --procs processes, so the clients' own Python is not the
+bottleneck) start together; each streams `--rounds` completions of `--max-tokens` tokens (ignore_eos, so
+every request is the same length). One table row per C: tok/s over the wall time, p50/p99 request latency,
+p50/p99 time to first token, and dropped requests (no complete reply: connection reset, timeout, HTTP
+error). With --engine-results (the JSON `python -m moetune.serve` writes) a column gives tok/s as a share
+of the engine's own decode rate at batch C.
 
 This starts nothing unless --spawn-tiny is given, which runs `python -m moetune.serve --model tiny` on the
 CPU for the duration (for checking the script; its numbers mean nothing).
@@ -23,6 +24,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -72,7 +74,28 @@ async def one_request(client: openai.AsyncOpenAI, model: str, max_tokens: int, l
     level.tokens += tokens
 
 
-async def run_level(base_url: str, model: str, concurrency: int, rounds: int, max_tokens: int) -> Level:
+def run_level(base_url: str, model: str, concurrency: int, rounds: int, max_tokens: int, procs: int) -> Level:
+    """concurrency clients split over `procs` processes, so the clients' own Python is not what is measured."""
+    if procs <= 1:
+        return asyncio.run(clients(base_url, model, concurrency, rounds, max_tokens))
+    shares = [concurrency // procs + (i < concurrency % procs) for i in range(procs)]
+    with ProcessPoolExecutor(procs) as pool:
+        parts = list(pool.map(_clients_sync, *zip(*[(base_url, model, c, rounds, max_tokens) for c in shares if c])))
+    level = Level(concurrency, wall_s=max(p.wall_s for p in parts))
+    for part in parts:
+        level.tokens += part.tokens
+        level.latency += part.latency
+        level.ttft += part.ttft
+        level.dropped += part.dropped
+        level.first_error = level.first_error or part.first_error
+    return level
+
+
+def _clients_sync(base_url: str, model: str, concurrency: int, rounds: int, max_tokens: int) -> Level:
+    return asyncio.run(clients(base_url, model, concurrency, rounds, max_tokens))
+
+
+async def clients(base_url: str, model: str, concurrency: int, rounds: int, max_tokens: int) -> Level:
     level = Level(concurrency)
     http = openai.DefaultAsyncHttpxClient(limits=httpx.Limits(max_connections=concurrency + 8))  # no client waits
     async with openai.AsyncOpenAI(base_url=base_url, api_key="none", max_retries=0, timeout=1800,
@@ -131,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", default="64,256", help="comma-separated client counts (default 64,256)")
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--rounds", type=int, default=1, help="requests per client (default 1)")
+    p.add_argument("--procs", type=int, default=4, help="client processes the clients are split over (default 4)")
     p.add_argument("--model", help="model id (default: the server's first)")
     p.add_argument("--engine-results", type=Path, help="serve results JSON: adds the engine's decode tok/s")
     args = p.parse_args(argv)
@@ -141,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         model = args.model or openai.OpenAI(base_url=url, api_key="none").models.list().data[0].id
         levels = []
         for c in (int(x) for x in args.concurrency.split(",")):
-            levels.append(asyncio.run(run_level(url, model, c, args.rounds, args.max_tokens)))
+            levels.append(run_level(url, model, c, args.rounds, args.max_tokens, args.procs))
             if levels[-1].first_error:
                 print(f"concurrency {c}: first error: {levels[-1].first_error}", file=sys.stderr)
         print(f"{model} at {url}, {args.max_tokens} tokens per request, {args.rounds} per client")
