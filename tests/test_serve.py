@@ -380,6 +380,16 @@ def test_engine_error_for_one_request_reaches_only_that_request(server, engine):
     assert [r[1]["error"]["message"] for r in results.values() if r[0] == 500] == ["kaput"]
 
 
+def test_oversized_body_is_413_before_it_is_read(server):
+    conn = http.client.HTTPConnection(*server.server_address, timeout=10)
+    conn.putrequest("POST", "/v1/completions")
+    conn.putheader("Content-Length", str(1 << 30))
+    conn.endheaders()  # no body follows: the answer must not wait for it
+    r = conn.getresponse()
+    assert r.status == 413 and json.loads(r.read())["error"]["type"] == "invalid_request_error"
+    conn.close()
+
+
 def test_unknown_path_404_and_wrong_method_405(server):
     assert call(server, "GET", "/nope")[0] == 404
     assert call(server, "POST", "/v1/nope", {"a": 1})[0] == 404

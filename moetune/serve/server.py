@@ -42,6 +42,7 @@ log = logging.getLogger("moetune.serve")
 T = TypeVar("T")
 
 GRACE_S = 2.0  # on SIGTERM, in-flight requests get this long before they are cancelled
+API_ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models")
 BACKLOG = 4096  # connections the kernel queues: a burst of clients must wait, never be reset
 
 
@@ -237,6 +238,7 @@ class MetricsMiddleware:
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
             return await self.app(scope, receive, send)
+        route = scope["path"] if scope["path"] in API_ROUTES else "other"  # a label per made-up path would grow
         status = [500]
 
         async def send_status(msg: dict) -> None:
@@ -247,16 +249,14 @@ class MetricsMiddleware:
         try:
             await self.app(scope, receive, send_status)
         finally:
-            self.metrics.requests.labels(scope["path"], str(status[0])).inc()
+            self.metrics.requests.labels(route, str(status[0])).inc()
 
 
 # ----------------------------------------------------------------------------------------------- HTTP
 
 
 def error_response(status: int, message: str, param: str | None = None, code: str | int | None = None) -> JSONResponse:
-    kind = {404: "not_found_error", 413: "invalid_request_error"}.get(
-        status, "invalid_request_error" if status < 500 else "server_error"
-    )
+    kind = "not_found_error" if status == 404 else "invalid_request_error" if status < 500 else "server_error"
     body = P.ErrorResponse(error=P.ErrorBody(message=message, type=kind, param=param, code=code))
     return JSONResponse(body.model_dump(), status_code=status)
 
@@ -267,8 +267,6 @@ class StrictJSONRequest(HTTPRequest):
     async def json(self) -> Any:
         if not hasattr(self, "_json"):
             try:
-                if int(self.headers.get("content-length") or 0) > P.MAX_BODY:  # refuse before reading it
-                    raise BadRequest(f"the body must be at most {P.MAX_BODY} bytes", status=413)
                 self._json = P.parse_json(await self.body())
             except BadRequest as e:  # FastAPI passes HTTPException on; anything else becomes a vague 400
                 raise HTTPException(e.status, str(e)) from None
@@ -281,6 +279,8 @@ class StrictJSONRoute(APIRoute):
 
         async def strict(request: HTTPRequest) -> Response:
             scope = request.scope
+            if int(request.headers.get("content-length") or 0) > P.MAX_BODY:  # refuse before reading it
+                return error_response(413, f"the body must be at most {P.MAX_BODY} bytes")
             if request.method == "POST" and "json" not in request.headers.get("content-type", ""):
                 # every body here is JSON: serve `curl -d` and header-less clients as the old server did
                 headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
