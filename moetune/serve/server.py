@@ -509,10 +509,11 @@ class Run:
         now, m = time.monotonic(), self.s.metrics
         if self.last is None:
             m.ttft.observe(now - self.arrived)
+            gaps = [0.0] * (n - 1)  # tokens that came with the first one
         else:
-            gap = (now - self.last) / n  # tokens that came together share the gap since the previous ones
-            for _ in range(n):
-                m.itl.observe(gap)
+            gaps = [(now - self.last) / n] * n  # tokens that came together share the gap since the previous ones
+        for gap in gaps:  # one observation per token after the first, so count = tokens - 1 per request
+            m.itl.observe(gap)
         self.last = now
 
     def usage(self) -> P.Usage:
