@@ -156,7 +156,8 @@ class LLMEngine:
                 failed[s.seq_id] = f"request failed inside the engine step: {type(e).__name__}: {e}"
         if len(failed) == len(seqs):
             raise error  # no sequence runs even alone: the engine is broken, not a request
-        log.warning("aborting %d request(s) that fail inside a step: %s", len(failed), failed)
+        if failed:
+            log.warning("aborting %d request(s) that fail inside a step: %s", len(failed), failed)
         for i in failed:
             self.scheduler.abort(i)
         good = [s for s in seqs if s.seq_id not in failed]
