@@ -1,8 +1,10 @@
-"""The serving layer against a fake engine with the runtime's API: HTTP, SSE, errors, aborts, and the
-default-vs-tuned comparison. Deterministic and model-free, so these run in seconds."""
+"""The serving layer against a fake engine with the runtime's API: HTTP, SSE, the official openai client,
+errors, isolation, aborts, metrics, and the default-vs-tuned comparison. Deterministic and model-free, so
+these run in seconds (the real tiny engine is in test_serve_e2e.py)."""
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import http.client
 import json
@@ -12,12 +14,13 @@ import time
 from dataclasses import dataclass
 from types import SimpleNamespace
 
+import openai
 import pytest
 import torch
 
 from moetune.errors import MoetuneError
 from moetune.serve import compare as cmp
-from moetune.serve.protocol import BadRequest, TextStream, chat_prompt_ids
+from moetune.serve.protocol import BadRequest, Message, TextStream, chat_prompt_ids, parse_json
 from moetune.serve.server import start_server
 
 
@@ -124,15 +127,30 @@ def engine():
     return FakeEngine()
 
 
+def serve(engine):
+    """A running server on a free port and its thread; wait until it answers."""
+    s = start_server(engine, "127.0.0.1", 0)
+    t = threading.Thread(target=s.serve_forever, daemon=True)
+    t.start()
+    for _ in range(200):  # bounded: uvicorn starts in milliseconds
+        if s.uvicorn.started:
+            break
+        time.sleep(0.01)
+    return s, t
+
+
+def stop(s, t) -> None:
+    s.shutdown()
+    t.join(5)
+    s.close()
+    assert not t.is_alive()
+
+
 @pytest.fixture
 def server(engine):
-    s = start_server(engine, "127.0.0.1", 0)
-    t = threading.Thread(target=s.serve_forever, args=(0.05,), daemon=True)
-    t.start()
+    s, t = serve(engine)
     yield s
-    s.shutdown()
-    s.close()
-    t.join(5)
+    stop(s, t)
 
 
 def call(server, method: str, path: str, body=None, raw: bytes | None = None):
@@ -149,7 +167,7 @@ def sse(server, path: str, body: dict) -> list:
     conn = http.client.HTTPConnection(*server.server_address[:2], timeout=10)
     conn.request("POST", path, body=json.dumps({**body, "stream": True}))
     r = conn.getresponse()
-    assert r.status == 200 and r.getheader("Content-Type") == "text/event-stream"
+    assert r.status == 200 and r.getheader("Content-Type").startswith("text/event-stream")
     events = []
     for _ in range(1000):  # bounded: a broken stream fails the test instead of hanging it
         line = r.readline()
@@ -266,13 +284,29 @@ BAD = [
     ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "x"}]}),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x" * 80}]}),
+    ("/v1/completions", b'{"prompt": "x", "temperature": NaN}'),  # Python's json reads NaN; JSON has none
+    ("/v1/completions", b'{"prompt": "x", "top_p": Infinity}'),
+    ("/v1/completions", b'{"prompt": "x", "temperature": 1e999}'),  # overflows to inf
+    ("/v1/completions", b'{"prompt": "x", "user": "u", "extra": [NaN]}'),  # NaN anywhere, even where unused
+    ("/v1/completions", {"prompt": "x", "seed": 2**70}),
+    ("/v1/completions", {"prompt": "x", "seed": "1"}),
+    ("/v1/completions", {"prompt": "x", "temperature": "0.5"}),
+    ("/v1/completions", {"prompt": "x", "temperature": True}),
+    ("/v1/completions", {"prompt": "x", "model": 42}),
+    ("/v1/completions", {"prompt": "x", "logprobs": 2}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "logprobs": True}),
+    ("/v1/completions", {"prompt": "x", "echo": True}),
+    ("/v1/completions", {"prompt": "x", "best_of": 3}),
+    ("/v1/completions", {"prompt": "x", "presence_penalty": 0.5}),
+    ("/v1/completions", {"prompt": "x", "stop": [""]}),
+    ("/v1/completions", b"[" * 100_000 + b"]" * 100_000),  # nested far past the parser's recursion limit
 ]
 
 
 @pytest.mark.parametrize("path,body", BAD)
 def test_bad_request_gets_400_with_openai_error_and_server_keeps_serving(server, path, body):
-    raw = b"{not json" if body is None else None
-    status, resp = call(server, "POST", path, body, raw=raw)
+    raw = b"{not json" if body is None else body if isinstance(body, bytes) else None
+    status, resp = call(server, "POST", path, None if raw else body, raw=raw)
     assert status == 400, resp
     assert resp["error"]["type"] == "invalid_request_error" and resp["error"]["message"]
     assert call(server, "GET", "/health")[0] == 200
@@ -286,6 +320,74 @@ def test_engine_rejection_message_reaches_client(server):
 def test_bad_streamed_request_still_gets_a_400_status(server):
     status, resp = call(server, "POST", "/v1/completions", {"prompt": [0, 5], "stream": True})
     assert status == 400 and resp["error"]["type"] == "invalid_request_error"
+
+
+def test_unknown_model_is_404_with_openai_error_shape(server):
+    status, resp = call(server, "POST", "/v1/completions", {"prompt": "x", "model": "gpt-4"})
+    assert status == 404
+    assert resp == {"error": {"message": "The model `gpt-4` does not exist.", "type": "not_found_error",
+                              "param": "model", "code": "model_not_found"}}
+
+
+@pytest.mark.parametrize("raw", [
+    b'{"prompt": "x", "temperature": NaN}', b'{"prompt": "x", "temperature": -Infinity}',
+    b'{"prompt": "x", "seed": 1180591620717411303424}', b'{"prompt": "x", "model": "nope"}',
+])
+def test_bad_request_fails_alone_while_a_concurrent_request_succeeds(raw):
+    eng = FakeEngine(delay=0.01)
+    s, t = serve(eng)
+    try:
+        good: list = []
+        th = threading.Thread(target=lambda: good.append(call(s, "POST", "/v1/completions", {"prompt": "q", "max_tokens": 30})))
+        th.start()
+        for _ in range(200):  # the good request is running in the engine before the bad one comes
+            if eng.reqs:
+                break
+            time.sleep(0.005)
+        status, resp = call(s, "POST", "/v1/completions", raw=raw)
+        assert 400 <= status < 500 and resp["error"]["message"], resp
+        th.join(10)
+        assert good[0][0] == 200 and good[0][1]["choices"][0]["text"] == ("abcdefghijklmnopqrstuvwxyz" + "abcd")
+    finally:
+        stop(s, t)
+
+
+def test_engine_error_for_one_request_reaches_only_that_request(server, engine):
+    """engine.step reports a request it aborted (StepOutput.error): that request gets a 500, others go on."""
+    real_step = engine.step
+
+    def step():
+        outs = real_step()
+        for o in outs:
+            if engine.victim == o.request_id:
+                o.error, o.finished, o.new_token_ids = "kaput", True, []
+                engine.reqs.pop(o.request_id, None)
+        return outs
+
+    engine.step, engine.victim, engine.delay = step, 2, 0.005
+    results: dict = {}
+    ths = [threading.Thread(target=lambda i=i: results.__setitem__(i, call(server, "POST", "/v1/completions",
+                                                                              {"prompt": "q", "max_tokens": 10})))
+           for i in range(3)]
+    for th in ths:
+        th.start()
+        time.sleep(0.05)  # request ids 1, 2, 3 in order
+    for th in ths:
+        th.join(10)
+    statuses = sorted(r[0] for r in results.values())
+    assert statuses == [200, 200, 500]
+    assert all(r[1]["choices"][0]["text"] == "abcdefghij" for r in results.values() if r[0] == 200)
+    assert [r[1]["error"]["message"] for r in results.values() if r[0] == 500] == ["kaput"]
+
+
+def test_oversized_body_is_413_before_it_is_read(server):
+    conn = http.client.HTTPConnection(*server.server_address, timeout=10)
+    conn.putrequest("POST", "/v1/completions")
+    conn.putheader("Content-Length", str(1 << 30))
+    conn.endheaders()  # no body follows: the answer must not wait for it
+    r = conn.getresponse()
+    assert r.status == 413 and json.loads(r.read())["error"]["type"] == "invalid_request_error"
+    conn.close()
 
 
 def test_unknown_path_404_and_wrong_method_405(server):
@@ -311,9 +413,7 @@ def test_dead_engine_thread_turns_health_and_requests_into_503(server, engine):
 @pytest.mark.parametrize("stream", [True, False])
 def test_client_disconnect_aborts_its_request(stream):
     eng = FakeEngine(max_model_len=100_000, delay=0.02)
-    s = start_server(eng, "127.0.0.1", 0)
-    t = threading.Thread(target=s.serve_forever, args=(0.05,), daemon=True)
-    t.start()
+    s, t = serve(eng)
     try:
         body = json.dumps({"prompt": "x", "max_tokens": 50_000, "stream": stream}).encode()
         sock = socket.create_connection(s.server_address[:2], timeout=5)
@@ -334,9 +434,70 @@ def test_client_disconnect_aborts_its_request(stream):
             time.sleep(0.05)
         assert eng.aborted == [1] and not eng.reqs
     finally:
-        s.shutdown()
-        s.close()
-        t.join(5)
+        stop(s, t)
+
+
+# ---------------------------------------------------------------------------------------- official client
+
+
+def test_openai_client_every_route_streaming_and_not(server):
+    c = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=10)
+    assert [m.id for m in c.models.list()] == ["fake"]
+    r = c.completions.create(model="fake", prompt="hi", max_tokens=5)
+    assert r.choices[0].text == "abcde" and r.usage.completion_tokens == 5
+    parts = list(c.completions.create(model="fake", prompt="hi", max_tokens=5, stream=True))
+    assert "".join(p.choices[0].text for p in parts) == "abcde"
+    msgs = [{"role": "user", "content": "hi"}]
+    r = c.chat.completions.create(model="fake", messages=msgs, max_tokens=3, seed=7, temperature=0.5)
+    assert r.choices[0].message.content == "abc" and r.choices[0].finish_reason == "length"
+    chunks = list(c.chat.completions.create(model="fake", messages=msgs, max_tokens=3, stream=True,
+                                            stream_options={"include_usage": True}))
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == "abc"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 3
+    with pytest.raises(openai.NotFoundError):
+        c.completions.create(model="gpt-4", prompt="hi")
+    with pytest.raises(openai.BadRequestError, match="n must be 1"):
+        c.completions.create(model="fake", prompt="hi", n=2)
+
+
+def test_64_concurrent_openai_clients_none_dropped():
+    eng = FakeEngine(delay=0.002)
+    s, t = serve(eng)
+
+    async def one(c: openai.AsyncOpenAI, i: int) -> str:
+        if i % 2:
+            r = await c.completions.create(model="fake", prompt="q", max_tokens=20)
+            return r.choices[0].text
+        stream = await c.chat.completions.create(model="fake", messages=[{"role": "user", "content": "q"}],
+                                                 max_tokens=20, stream=True)
+        return "".join([ch.choices[0].delta.content or "" async for ch in stream])
+
+    async def main() -> list:
+        async with openai.AsyncOpenAI(base_url=s.url + "/v1", api_key="none", max_retries=0, timeout=30) as c:
+            return await asyncio.gather(*(one(c, i) for i in range(64)), return_exceptions=True)
+
+    try:
+        out = asyncio.run(main())
+    finally:
+        stop(s, t)
+    assert out == ["abcdefghijklmnopqrst"] * 64
+
+
+def test_metrics_and_docs(server):
+    call(server, "POST", "/v1/completions", {"prompt": "hi", "max_tokens": 4, "stream": False})
+    call(server, "POST", "/v1/completions", {"prompt": "hi", "temperature": -1})
+    conn = http.client.HTTPConnection(*server.server_address, timeout=10)
+    conn.request("GET", "/metrics")
+    text = conn.getresponse().read().decode()
+    assert 'moetune_requests_total{route="/v1/completions",status="200"} 1.0' in text
+    assert 'moetune_requests_total{route="/v1/completions",status="400"} 1.0' in text
+    assert "moetune_generation_tokens_total 4.0" in text and "moetune_prompt_tokens_total 3.0" in text
+    for name in ("moetune_time_to_first_token_seconds_count 1.0", "moetune_inter_token_latency_seconds_count 3.0",
+                 "moetune_queue_depth", "moetune_num_requests_running", "moetune_num_requests_waiting"):
+        assert name in text
+    conn.request("GET", "/docs")
+    assert conn.getresponse().read() and call(server, "GET", "/openapi.json")[1]["paths"]["/v1/chat/completions"]
+    conn.close()
 
 
 # ---------------------------------------------------------------------------------------- protocol pieces
@@ -344,13 +505,14 @@ def test_client_disconnect_aborts_its_request(stream):
 
 def test_chat_template_mistral_v1():
     tok = FakeTokenizer()
-    msgs = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
-            {"role": "user", "content": [{"type": "text", "text": "c"}]}]
+    msgs = [Message.model_validate(m) for m in [
+        {"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+        {"role": "user", "content": [{"type": "text", "text": "c"}]}]]
     ids = chat_prompt_ids(msgs, tok)
     assert ids[0] == 1 and ids.count(1) == 1 and ids.count(tok.eos_id) == 1
     assert tok.decode(ids) == "[INST] a [/INST]b[INST] c [/INST]"
     with pytest.raises(BadRequest):
-        chat_prompt_ids([{"role": "user", "content": "a"}, {"role": "system", "content": "late"}], tok)
+        chat_prompt_ids([Message(role="user", content="a"), Message(role="system", content="late")], tok)
 
 
 def test_text_stream_holds_back_possible_stop_prefix_and_half_characters():
@@ -361,8 +523,27 @@ def test_text_stream_holds_back_possible_stop_prefix_and_half_characters():
     assert ts.add(tok.encode("zq", bos=False)) == "" and ts.stopped and ts.text == "abc"
     ts = TextStream(tok.decode, ["xyz"])
     assert ts.add(tok.encode("abxy", bos=False)) == "ab" and ts.add(tok.encode("q", bos=False)) == "xyq"
-    half = TextStream(lambda ids: "ok\ufffd" if len(ids) == 1 else "ok!", [])
-    assert half.add([5]) == "ok" and half.add([6], final=True) == "!"
+    half = TextStream(lambda ids: ["", "ok\ufffd", "ok!"][len(ids)], [])
+    assert half.add([5]) == "" and half.add([6], final=True) == "ok!"  # the window waits for whole characters
+
+
+def test_text_stream_is_incremental_and_matches_a_full_decode_with_the_real_tokenizer():
+    from moetune.runtime.tokenizer import Tokenizer, find_tokenizer_model
+
+    tok = Tokenizer(find_tokenizer_model(None))
+    ids = tok.encode("Hello wörld, 日本語 text — with  spaces\nand lines.", bos=False)
+    g = torch.Generator().manual_seed(0)
+    ids += torch.randint(3, tok.vocab_size, (40,), generator=g).tolist()
+    ts, calls = TextStream(lambda x: (calls.append(len(x)), tok.decode(x))[1], []), []
+    text = "".join(ts.add([i]) for i in ids) + ts.add([], final=True)
+    assert text == tok.decode(ids) and max(calls) < 8  # short windows, not the whole text each time
+
+
+def test_parse_json_rejects_what_json_is_not():
+    assert parse_json(b'{"a": [1, 2.5]}') == {"a": [1, 2.5]}
+    for bad in (b"NaN", b"[Infinity]", b"-Infinity", b"1e400", b"[" * 5000, b"{", b"\xff"):
+        with pytest.raises(BadRequest):
+            parse_json(bad)
 
 
 # ---------------------------------------------------------------------------------------- comparison

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -122,3 +123,130 @@ def test_missing_tuned_configs_folder_is_one_clear_line(capsys):
     assert main(["--model", "tiny", "--tuned-configs", "/no/such/folder", "--port", "0", "--no-compare"]) == 2
     err = capsys.readouterr().err
     assert "tuned_configs folder /no/such/folder does not exist" in err and "Traceback" not in err
+
+
+# ---------------------------------------------------------------------------------------- start-up, shutdown, isolation
+
+
+def _broken_table(folder, sidecar: bool) -> str:
+    """A table for the tiny model on the CPU that passes the schema but not the kernel at M=8."""
+    from moetune.tables import CPU_DEVICE_NAME, table_filename
+
+    name = table_filename(4, 96, CPU_DEVICE_NAME, "bf16")
+    ok = dict(BLOCK_SIZE_M=16, BLOCK_SIZE_N=32, BLOCK_SIZE_K=32, GROUP_SIZE_M=1, num_warps=4, num_stages=2)
+    table = {"1": ok, "8": {**ok, "BLOCK_SIZE_M": 16 if sidecar else 16.0}}  # 16.0 == 16 for the JSON schema
+    (folder / name).write_text(json.dumps(table))
+    if not sidecar:
+        return name
+    side = {"table": name, "device": CPU_DEVICE_NAME, "dtype": "bf16", "shape": {"E": 4, "N": 96, "K": 64, "top_k": 2},
+            "versions": {"torch": "x", "triton": "x", "moetune": "x"},
+            "entries": {"8": {"config": {"kernel": "gemv", "BLOCK_SIZE_N": 32, "num_warps": 4, "num_stages": 2}}}}
+    side_name = name.removesuffix(".json") + ".moetune.json"
+    (folder / side_name).write_text(json.dumps(side))  # the gemv config lacks BLOCK_SIZE_K
+    return side_name
+
+
+@needs_runtime
+@pytest.mark.parametrize("sidecar", [False, True])
+def test_broken_table_fails_start_up_in_one_line_naming_file_and_m(tmp_path, capsys, sidecar):
+    bad_file = _broken_table(tmp_path, sidecar)
+    assert main(["--model", "tiny", "--tuned-configs", str(tmp_path), "--port", "0", "--no-compare"]) == 2
+    out = capsys.readouterr()
+    err = out.err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("moetune serve: error: ") and "Traceback" not in err
+    assert f"{tmp_path / bad_file}: M=8:" in err
+    assert "serving" not in out.out  # it never got as far as listening
+
+
+@needs_runtime
+def test_sigterm_stops_the_server_within_5_s_without_traceback():
+    cmd = [sys.executable, "-m", "moetune.serve", "--model", "tiny", "--port", "0", "--no-compare"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen, port = [], None
+    try:
+        lines, deadline = _lines(proc), time.monotonic() + 60
+        while port is None and time.monotonic() < deadline:
+            line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
+            if line is None:
+                break
+            seen.append(line)
+            if line.startswith("serving "):
+                port = int(line.split("http://127.0.0.1:")[1].split("/")[0])
+        assert port, "".join(seen)
+        # a long streamed request in flight: shutdown must not wait for it to finish
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        conn.request("POST", "/v1/completions", body=json.dumps({"prompt": [1, 5], "max_tokens": 100,
+                                                                  "ignore_eos": True, "stream": True}))
+        r = conn.getresponse()
+        assert r.status == 200 and r.readline().startswith(b"data: ")
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(5)
+        took = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    out = "".join(seen) + "".join(iter(lambda: lines.get(timeout=5) or "", ""))
+    assert proc.returncode == 0 and took < 5, out
+    assert "Traceback" not in out and "server stopped" in out, out
+
+
+@needs_runtime
+def test_a_sequence_that_fails_inside_a_step_errors_only_its_own_request(tiny_checkpoint):
+    """The real engine: a request whose sequence breaks the decode step gets a 500; the requests batched with
+    it get a 200 with the very tokens they get when run alone."""
+    from conftest import tiny_engine_config
+
+    from moetune.runtime.engine import LLMEngine
+    from moetune.serve.server import start_server
+
+    engine = LLMEngine(tiny_engine_config(tiny_checkpoint))
+    poison = 31_999  # a prompt holding this token fails every decode step it is part of
+    real_run = engine.runner.run
+
+    def run(seqs, is_prefill):
+        if not is_prefill and any(poison in s.token_ids for s in seqs):
+            raise RuntimeError("probability tensor contains either inf, nan or element < 0")
+        return real_run(seqs, is_prefill)
+
+    engine.runner.run = run
+    good = [{"prompt": [1, 100 + i, 200], "max_tokens": 6, "temperature": 0, "ignore_eos": True} for i in range(2)]
+    good.append({"prompt": [1, 300], "max_tokens": 6, "temperature": 0.8, "seed": 5, "ignore_eos": True})
+    s = start_server(engine, "127.0.0.1", 0)
+    t = threading.Thread(target=s.serve_forever, daemon=True)
+    t.start()
+    try:
+        for _ in range(200):
+            if s.uvicorn.started:
+                break
+            time.sleep(0.01)
+        port = s.server_address[1]
+        alone = [json.loads(_post(port, "/v1/completions", b)[1])["choices"][0]["text"] for b in good]
+        results: dict = {}
+        bodies = [*good, {"prompt": [1, poison], "max_tokens": 6, "ignore_eos": True}]
+        ths = [threading.Thread(target=lambda i=i, b=b: results.__setitem__(i, _post(port, "/v1/completions", b)))
+               for i, b in enumerate(bodies)]
+        for th in ths:
+            th.start()
+        for th in ths:
+            th.join(60)
+        assert results[3][0] == 500 and b"probability tensor" in results[3][1]
+        together = [json.loads(results[i][1])["choices"][0]["text"] for i in range(3)]
+        assert [results[i][0] for i in range(3)] == [200] * 3 and together == alone
+        assert _post(port, "/v1/completions", good[0])[0] == 200  # and the server goes on
+    finally:
+        s.shutdown()
+        t.join(5)
+        s.close()
+
+
+@needs_runtime
+def test_load_script_runs_end_to_end_on_the_tiny_model():
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "load_openai.py"
+    r = subprocess.run([sys.executable, str(script), "--spawn-tiny", "--concurrency", "2", "--max-tokens", "3"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    head, row = r.stdout.splitlines()[-2:]
+    assert head.split()[:3] == ["concurrency", "requests", "tok/s"] and head.split()[-1] == "dropped"
+    assert row.split()[:2] == ["2", "2"] and row.split()[-1] == "0"

@@ -30,7 +30,8 @@ class StepOutput:
     request_id: int
     new_token_ids: list[int]
     finished: bool
-    finish_reason: str | None  # "stop" | "length"
+    finish_reason: str | None  # "stop" | "length" | "abort"
+    error: str | None = None  # set when this request alone failed inside a step and was aborted
 
 
 class LLMEngine:
@@ -126,13 +127,42 @@ class LLMEngine:
         if not self.scheduler.has_unfinished():
             return []
         seqs, is_prefill = self.scheduler.schedule()
-        tokens = self._call("run", seqs, is_prefill)
+        rng = _rng_states(seqs)
+        failed: dict[int, str] = {}
+        try:
+            tokens = self._call("run", seqs, is_prefill)
+        except Exception as e:
+            seqs, tokens, failed = self._run_without_failing(seqs, is_prefill, rng, e)
         self.scheduler.postprocess(seqs, tokens)
         return [
             StepOutput(s.seq_id, [t], s.status == SequenceStatus.FINISHED, s.finish_reason)
             for s, t in zip(seqs, tokens)
             if t is not None
-        ]
+        ] + [StepOutput(i, [], True, "abort", error=msg) for i, msg in failed.items()]
+
+    # ---- step isolation (serve): one request that breaks a step must not fail the others
+    def _run_without_failing(
+        self, seqs: list[Sequence], is_prefill: bool, rng: dict[int, Tensor], error: Exception
+    ) -> tuple[list[Sequence], list[int | None], dict[int, str]]:
+        """The batch failed: run each sequence alone to find those that fail by themselves, abort them, and
+        rerun the rest together, so they get the tokens they would have got without the failing ones.
+        Re-running a step is safe: it rewrites the same K/V slots, and seeded generators are rewound."""
+        failed: dict[int, str] = {}
+        for s in seqs:
+            _set_rng_states(seqs, rng)
+            try:
+                self._call("run", [s], is_prefill)
+            except Exception as e:
+                failed[s.seq_id] = f"request failed inside the engine step: {type(e).__name__}: {e}"
+        if len(failed) == len(seqs):
+            raise error  # no sequence runs even alone: the engine is broken, not a request
+        if failed:
+            log.warning("aborting %d request(s) that fail inside a step: %s", len(failed), failed)
+        for i in failed:
+            self.scheduler.abort(i)
+        good = [s for s in seqs if s.seq_id not in failed]
+        _set_rng_states(good, rng)
+        return good, self._call("run", good, is_prefill), failed
 
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[list[int]]:
         """Run the prompts to completion (together with anything already queued); generated ids per prompt."""
@@ -177,3 +207,14 @@ class LLMEngine:
         noise. CUDA events on a GPU, wall clock on a CPU. Safe to call while requests are running.
         """
         return self._call("decode_step_time_us", batch_size, context_len, steps)
+
+
+def _rng_states(seqs: list[Sequence]) -> dict[int, Tensor]:
+    """Seeded sampling generators before a step, so a retried step draws the same numbers (cheap: few seeded)."""
+    return {s.seq_id: s.generator.get_state() for s in seqs if s.generator is not None and s.params.temperature}
+
+
+def _set_rng_states(seqs: list[Sequence], states: dict[int, Tensor]) -> None:
+    for s in seqs:
+        if s.seq_id in states:
+            s.generator.set_state(states[s.seq_id])

@@ -90,6 +90,7 @@ def run(args: argparse.Namespace) -> int:
     from moetune.runtime.config import EngineConfig
     from moetune.runtime.engine import LLMEngine
     from moetune.serve.compare import Workload, compare, report, save
+    from moetune.serve.health import check_moe_table
     from moetune.serve.server import start_server
 
     d = CPU_DEFAULTS if device == "cpu" else GPU_DEFAULTS
@@ -107,6 +108,7 @@ def run(args: argparse.Namespace) -> int:
         max_num_seqs=max(8 if device == "cpu" else 256, max(batches)),
         max_num_batched_tokens=max(4096, prompt_len), enforce_eager=device == "cpu",
     )
+    check_moe_table(cfg)  # a table the kernel cannot run fails here, in one line, before minutes of loading
     print(f"loading {args.model} on {device} ...", flush=True)
     t0 = time.perf_counter()
     engine = LLMEngine(cfg)
