@@ -59,7 +59,10 @@ class ModelRunner:
         self.dtype, expert_dtype = RUNTIME_DTYPES[cfg.dtype]
         self.block_size = cfg.kvcache_block_size
         self.max_blocks = blocks_for(cfg.max_model_len, self.block_size)  # block-table width
-        build = Build(self.dtype, expert_dtype, self.device, cfg.moe_backend, tables)
+        build = Build(
+            self.dtype, expert_dtype, self.device, cfg.moe_backend, tables, dense_fp8=cfg.dense_dtype == "fp8",
+            fused=cfg.fused_norm_rope, decode_partition_tokens=cfg.decode_partition_tokens,
+        )  # fmt: skip
         self.model = MixtralForCausalLM(spec, cfg.max_model_len, build)
         t0 = time.perf_counter()
         if cfg.load_format == "dummy":
