@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,9 +81,17 @@ class LLMEngine:
         return self.workers.call(self.runner, method, *args)
 
     def close(self) -> None:
-        """Stop the tensor-parallel workers and leave the process group (nothing to do with tp = 1)."""
+        """Stop the tensor-parallel workers, leave the process group and free this process's weights, KV cache
+        and CUDA graphs, so another engine fits in the same process. Idempotent; the engine is unusable after."""
         if getattr(self, "workers", None) is not None:
             self.workers.close()
+        runner = self.__dict__.pop("runner", None)
+        if runner is not None:
+            runner.release()
+            del runner
+            gc.collect()  # the model's modules hold reference cycles (weight_loader closures)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
 
     def __del__(self) -> None:
         self.close()

@@ -76,8 +76,19 @@ class ModelRunner:
         # the torch MoE backend syncs with the host (it loops over the experts in use), so it runs eagerly
         self.use_graphs = self.device.type == "cuda" and not cfg.enforce_eager and cfg.moe_backend == "triton"
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.graph_inputs: dict[str, Tensor] = {}
         if self.use_graphs:
             self.capture_graphs()
+
+    def release(self) -> None:
+        """Drop every tensor this runner owns (graphs and their pool first, then cache and weights)."""
+        self.graphs.clear()
+        self.graph_inputs = {}
+        for layer in self.model.model.layers:
+            layer.self_attn.k_cache = layer.self_attn.v_cache = None
+        self.kv_cache = None
+        self.model = None
+        reset_context()
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
