@@ -28,7 +28,6 @@ sys.path.insert(0, str(ROOT))
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel module is imported
 
-from moetune.kernels.attention import paged_decode_attention  # noqa: E402
 from moetune.kernels.norm import add_rms_norm, add_rms_norm_reference  # noqa: E402
 from moetune.kernels.rope import rope_and_cache, rope_and_cache_reference  # noqa: E402
 from moetune.runtime import EngineConfig, LLMEngine  # noqa: E402
@@ -185,8 +184,9 @@ def main() -> int:
         results["batch"].append({"batch": b, "tok_s": tok_s(eng, b)})
     prompt = fixed_prompt(prompt_len, eng.spec.vocab_size, seed=1)
     results["ttft_ms"] = {"prompt_len": prompt_len, "ms": time_ttft_ms(eng, prompt, 1 if tiny else 3)}
-    results.update(model=args.model, device=torch.cuda.get_device_name() if gpu else "cpu (timings meaningless)",
-                   context_len=ctx, torch=torch.__version__, seconds=round(time.perf_counter() - t_start, 1))  # fmt: skip
+    device = torch.cuda.get_device_name() if gpu else "cpu (timings meaningless)"
+    seconds = round(time.perf_counter() - t_start, 1)
+    results.update(model=args.model, device=device, context_len=ctx, torch=torch.__version__, seconds=seconds)
     eng.close()
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
