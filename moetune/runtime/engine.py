@@ -178,6 +178,28 @@ class LLMEngine:
         finally:
             bm.release(seq)
 
+    def teacher_forced_logits(self, prompt: list[int], forced: list[int]) -> Tensor:
+        """[len(forced), vocab] float32: row i is the next-token logits after prompt + forced[: i + 1], each
+        computed by the decode step serving uses (its CUDA graph where there is one), not by a prefill.
+        The prompt is prefilled once; the sequence's blocks are released after. Call it when idle."""
+        if not prompt or len(prompt) + len(forced) > self.config.max_model_len:
+            raise MoetuneError(f"teacher_forced_logits needs 1 to max_model_len={self.config.max_model_len} tokens")
+        seq, bm = Sequence(prompt, SamplingParams()), self.scheduler.block_manager
+        if not bm.can_grow(seq, len(prompt) + len(forced)):
+            raise MoetuneError("teacher_forced_logits: the KV cache is full with running requests; call it when idle")
+        bm.grow(seq, len(prompt) + len(forced))
+        seq.num_scheduled_tokens = len(prompt)
+        try:
+            self._call("prefill_logits", seq)  # fills the cache; its logits are not the decode path's
+            rows = []
+            for token in forced:
+                seq.num_cached_tokens, seq.num_scheduled_tokens = len(seq), 1
+                seq.token_ids.append(token)
+                rows.append(self._call("decode_logits", seq))
+            return torch.stack(rows)
+        finally:
+            bm.release(seq)
+
     def decode_step_time_us(self, batch_size: int, context_len: int, steps: int = 20) -> float:
         """Median µs of one decode step over batch_size sequences at context_len (model forward + greedy pick).
 

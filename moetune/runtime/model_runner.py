@@ -190,6 +190,12 @@ class ModelRunner:
 
     # ------------------------------------------------------------------------------------------ decode
 
+    @torch.inference_mode()
+    def decode_logits(self, seq: StepSeq) -> Tensor | None:
+        """One decode step of one sequence through the serving path (graph or eager): its [V] logits on rank 0."""
+        logits = self._decode_logits([seq])
+        return logits[0].float().cpu() if self.is_driver else None
+
     def _decode_inputs(self, seqs: list[StepSeq]) -> tuple[list[int], list[int], list[int], list[int]]:
         ids = [s.last_token for s in seqs]
         positions = [s.num_cached_tokens for s in seqs]  # a decoding sequence has all but its last token cached
