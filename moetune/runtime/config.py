@@ -46,6 +46,13 @@ class EngineConfig:
     seed: int = 0
 
 
+_INT_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+             "head_dim", "vocab_size", "num_local_experts", "num_experts_per_tok", "max_position_embeddings",
+             "bos_token_id", "eos_token_id")  # fmt: skip
+CONFIG_TYPES: dict[str, type | tuple[type, ...]] = dict.fromkeys(_INT_KEYS, int) | {
+    "rms_norm_eps": (int, float), "rope_theta": (int, float)}  # fmt: skip
+
+
 def spec_from_checkpoint(preset: ModelSpec, folder: Path) -> ModelSpec:
     """The preset, with shapes taken from the checkpoint's config.json when it has one."""
     path = folder / "config.json"
@@ -55,6 +62,13 @@ def spec_from_checkpoint(preset: ModelSpec, folder: Path) -> ModelSpec:
         hf = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise MoetuneError(f"{path}: cannot read the model config ({e})") from None
+    if not isinstance(hf, dict):
+        raise MoetuneError(f"{path}: expected a JSON object, found {type(hf).__name__}")
+    for key, value in hf.items():  # a wrong type would otherwise fail far away, in a tensor shape
+        want = CONFIG_TYPES.get(key)
+        if want and value is not None and (isinstance(value, bool) or not isinstance(value, want)):
+            kind = "an integer" if want is int else "a number"
+            raise MoetuneError(f"{path}: {key} must be {kind}, found {type(value).__name__} {value!r}")
     if hf.get("model_type", "mixtral") != "mixtral":
         raise MoetuneError(f"{path}: model_type is {hf.get('model_type')!r}; this runtime runs Mixtral only")
     if hf.get("tie_word_embeddings"):
