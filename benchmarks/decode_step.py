@@ -166,7 +166,7 @@ def main() -> int:
     eng = LLMEngine(EngineConfig(**base, dense_dtype="bf16", max_num_seqs=1))
     results["launches"]["old (eager norm/rope)"] = (set_options(eng, False, 128), count_launches(eng, ctx))[1]
     results["launches"]["new (fused norm/rope)"] = (set_options(eng, True, 0), count_launches(eng, ctx))[1]
-    b1(eng, "v1: eager norm/rope, split-KV 128 tokens", False, 128)
+    b1(eng, "v1-like: eager norm/rope, split-KV 128 tok", False, 128)
     b1(eng, "+ fused norm/rope", True, 128)
     b1(eng, "+ split-KV by batch (32 tokens at b=1)", True, 0)
     eng.close()
