@@ -18,7 +18,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from moetune.kernels import activation, attention, moe_gemm, moe_gemm_silu, moe_gemv, routing  # noqa: E402
+from moetune.kernels import activation, attention, linear_fp8, moe_gemm, moe_gemm_silu, moe_gemv, norm, rope, routing  # noqa: E402
 from moetune.tables import default_config  # noqa: E402
 
 HOPPER = GPUTarget("cuda", 90, 32)
@@ -110,10 +110,25 @@ def other_variants():
     yield ("decode_attention/partition", attention._decode_partition_kernel,
            {"q_ptr": "*bf16", "k_cache_ptr": "*bf16", "v_cache_ptr": "*bf16", "block_tables_ptr": "*i32",
             "context_lens_ptr": "*i32", "m_ptr": "*fp32", "l_ptr": "*fp32", "acc_ptr": "*fp32", "scale": "fp32"},
-           dict(GROUP=4, GROUP_PAD=4, HEAD_DIM=128, BLOCK_D=128, BLOCK_SIZE=16, PARTITION_BLOCKS=8), 4, 2)  # fmt: skip
+           dict(GROUP=4, GROUP_PAD=4, HEAD_DIM=128, BLOCK_D=128, BLOCK_SIZE=16, PARTITION=32, TILE=32), 4, 2)  # fmt: skip
     yield ("decode_attention/merge", attention._decode_merge_kernel,
            {"out_ptr": "*bf16", "m_ptr": "*fp32", "l_ptr": "*fp32", "acc_ptr": "*fp32", "context_lens_ptr": "*i32"},
-           dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_SIZE=16, PARTITION_BLOCKS=8, P_PAD=32), 4, 1)  # fmt: skip
+           dict(HEAD_DIM=128, BLOCK_D=128, PARTITION=32, P_PAD=128), 4, 1)  # fmt: skip
+    for dtype in ("bf16", "fp16"):
+        yield (f"add_rms_norm/{dtype}", norm._add_rms_norm_kernel,
+               {"x_ptr": f"*{dtype}", "res_ptr": f"*{dtype}", "w_ptr": f"*{dtype}", "out_ptr": f"*{dtype}",
+                "res_out_ptr": f"*{dtype}", "eps": "fp32"},
+               dict(HAS_RESIDUAL=True, BLOCK_H=4096, INTERPRETED=False), 8, 1)  # fmt: skip
+        yield (f"rope_cache/{dtype}", rope._rope_cache_kernel,
+               {"qkv_ptr": f"*{dtype}", "positions_ptr": "*i64", "cos_ptr": "*fp32", "sin_ptr": "*fp32",
+                "slots_ptr": "*i64", "k_cache_ptr": f"*{dtype}", "v_cache_ptr": f"*{dtype}"},
+               dict(NUM_HEADS=32, NUM_KV_HEADS=8, HEAD_DIM=128, Q_PAD=32, KV_PAD=8, HALF_PAD=64, D_PAD=128,
+                    WRITE_CACHE=True, INTERPRETED=False), 4, 1)  # fmt: skip
+    for name, (bm, bn, bk, warps) in (("small-M", linear_fp8._blocks(1)), ("mid-M", linear_fp8._blocks(64)),
+                                      ("large-M", linear_fp8._blocks(512))):  # fmt: skip
+        yield (f"linear_w8a16/{name}", linear_fp8._w8a16_kernel,
+               {"x_ptr": "*bf16", "w_ptr": "*fp8e4nv", "scale_ptr": "*fp32", "out_ptr": "*bf16"},
+               dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, UPCAST_DOT=False, INTERPRETED=False), warps, 3)  # fmt: skip
 
 
 def main() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moetune.kernels.attention import PARTITION_TOKENS, paged_decode_attention, paged_decode_attention_reference
+from moetune.kernels.attention import auto_partition_tokens, paged_decode_attention, paged_decode_attention_reference
 
 
 def _case(
@@ -25,7 +25,7 @@ def _case(
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_kernel_matches_reference_with_gqa_partial_blocks_and_several_partitions(dtype):
     # lengths: one token, a block boundary, a partial last block, and more than one partition
-    lens = [1, 16, 37, PARTITION_TOKENS + 21]
+    lens = [1, 16, 37, 128 + 21]
     q, k, v, tables, ctx = _case(B=4, H=4, Hkv=2, D=16, block_size=16, context_lens=lens, dtype=dtype)
     out = paged_decode_attention(q, k, v, tables, ctx)
     ref = paged_decode_attention_reference(q, k, v, tables, ctx)
@@ -58,3 +58,24 @@ def test_kernel_reads_only_the_blocks_of_the_context():
     v[unused] = float("nan")
     k[tables[0, 1], 4:] = float("nan")  # and the unused slots of a partial last block
     torch.testing.assert_close(paged_decode_attention(q, k, v, tables, ctx), before)
+
+
+@pytest.mark.parametrize("partition", [0, 16, 32, 128, 1 << 20])  # auto, split-KV sizes, one partition (no split)
+@pytest.mark.parametrize(("block_size", "H", "Hkv"), [(4, 8, 2), (16, 4, 4), (32, 6, 3)])
+def test_split_kv_matches_reference_at_any_partition_and_context(partition, block_size, H, Hkv, monkeypatch):
+    lens = [1, 15, 16, 17, 64, 100, 300]
+    q, k, v, tables, ctx = _case(B=len(lens), H=H, Hkv=Hkv, D=40, block_size=block_size, context_lens=lens,
+                                 dtype=torch.bfloat16, seed=partition + block_size)  # fmt: skip
+    real = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *a, **kw: real(*a, **kw).fill_(float("nan")))  # poisoned scratch
+    monkeypatch.setattr(torch, "empty_like", lambda t, **kw: real(t.shape, dtype=t.dtype).fill_(float("nan")))
+    out = paged_decode_attention(q, k, v, tables, ctx, partition_tokens=partition)
+    ref = paged_decode_attention_reference(q, k, v, tables, ctx)
+    torch.testing.assert_close(out.float(), ref.float(), atol=1.6e-2, rtol=1.6e-2)
+
+
+def test_auto_partition_splits_small_batches_finely():
+    assert auto_partition_tokens(1, 8) == 32 and auto_partition_tokens(256, 8) == 256
+    assert [auto_partition_tokens(b, 8) for b in (1, 2, 4, 8, 16, 32, 64)] == sorted(
+        auto_partition_tokens(b, 8) for b in (1, 2, 4, 8, 16, 32, 64)
+    )

@@ -181,7 +181,7 @@ def test_dummy_weights_are_seeded_and_generate(tiny_checkpoint):
 
 
 def test_fp8_experts_stay_close_to_the_float32_model(tiny_checkpoint, tiny_hf_model):
-    eng = make_engine(tiny_checkpoint, dtype="fp8")
+    eng = make_engine(tiny_checkpoint, dtype="fp8", dense_dtype="bf16")  # the experts alone (fp8 dense: test_linear_fp8)
     moe = eng.runner.model.model.layers[0].block_sparse_moe
     assert moe.w13.dtype == torch.float8_e4m3fn and moe.w13_scale.shape == (4,) and (moe.w13_scale > 0).all()
     prompt = PROMPTS[3]
@@ -193,7 +193,7 @@ def test_fp8_experts_stay_close_to_the_float32_model(tiny_checkpoint, tiny_hf_mo
 @pytest.mark.parametrize(("dtype", "tol"), [("fp16", 5e-3), ("bf16", 3e-2), ("fp8", 0.08)])
 def test_fused_moe_backend_matches_transformers(tiny_checkpoint, tiny_hf_model, dtype, tol):
     """The GPU configuration (Triton MoE + Triton decode attention), here through the interpreter."""
-    eng = make_engine(tiny_checkpoint, dtype=dtype, moe_backend="triton")
+    eng = make_engine(tiny_checkpoint, dtype=dtype, moe_backend="triton", dense_dtype="bf16" if dtype == "fp8" else "auto")
     prompt, n = PROMPTS[1], 8
     with torch.no_grad():
         ref = tiny_hf_model(torch.tensor([prompt])).logits[0]

@@ -123,3 +123,39 @@ def test_engine_without_a_table_falls_back_to_the_default_with_one_warning(
             assert eng.moe_table_path is None
     warnings = [r for r in caplog.records if "no tuned MoE config table" in r.getMessage()]
     assert len(warnings) == 1 and "E=4,N=96" in warnings[0].getMessage()
+
+
+# ---------------------------------------------------------------------------------------------- bad files
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda b: b"", "the file is empty"),
+        (lambda b: b[: len(b) // 2], "not a valid safetensors file"),  # truncated: the header promises more
+        (lambda b: b"\xff" * 64 + b[64:], "not a valid safetensors file"),  # corrupt header
+    ],
+)
+def test_bad_safetensors_file_is_named_with_what_is_wrong(tiny_checkpoint, tmp_path, damage, message):
+    shutil.copytree(tiny_checkpoint, tmp_path / "ckpt")
+    f = tmp_path / "ckpt" / "model.safetensors"
+    f.write_bytes(damage(f.read_bytes()))
+    with pytest.raises(MoetuneError, match=rf"{f}: {message}"):
+        LLMEngine(EngineConfig(checkpoint=str(tmp_path / "ckpt"), **TINY))
+
+
+@pytest.mark.parametrize(("key", "value", "message"), [("hidden_size", "64", "hidden_size must be an integer, found str"),
+                                                         ("rms_norm_eps", [1e-5], "rms_norm_eps must be a number")])
+def test_config_json_with_a_wrong_type_is_named(tiny_checkpoint, tmp_path, key, value, message):
+    shutil.copytree(tiny_checkpoint, tmp_path / "ckpt")
+    path = tmp_path / "ckpt" / "config.json"
+    path.write_text(json.dumps(json.loads(path.read_text()) | {key: value}))
+    with pytest.raises(MoetuneError, match=rf"{path}: {message}"):
+        LLMEngine(EngineConfig(checkpoint=str(tmp_path / "ckpt"), **TINY))
+
+
+def test_corrupt_tokenizer_model_is_named(tiny_checkpoint, tmp_path):
+    shutil.copytree(tiny_checkpoint, tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "tokenizer.model").write_bytes(b"not a sentencepiece model" * 10)
+    with pytest.raises(MoetuneError, match=rf"{tmp_path / 'ckpt' / 'tokenizer.model'}: not a valid sentencepiece"):
+        LLMEngine(EngineConfig(checkpoint=str(tmp_path / "ckpt"), **TINY))

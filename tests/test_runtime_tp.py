@@ -53,10 +53,11 @@ def test_a_worker_is_sent_only_the_tokens_of_this_step():
 def test_tp2_matches_tp1_logits_and_batched_greedy_tokens(tiny_checkpoint):
     with engine(tiny_checkpoint) as one:
         ref_logits, ref_tokens = run_all(one)
+        ref_blocks = one.runner.num_kv_blocks
     with engine(tiny_checkpoint, tensor_parallel_size=2) as two:
         logits, tokens = run_all(two)
         assert two.runner.kv_cache.shape[-2] == 1  # 2 KV heads over 2 ranks
-        assert two.runner.num_kv_blocks == one.runner.num_kv_blocks
+        assert two.runner.num_kv_blocks == ref_blocks
         assert two.decode_step_time_us(2, 10, steps=2) > 0  # every rank times the same dummy batch
     for a, b in zip(logits, ref_logits):
         assert rel_err(a, b) < 1e-5
@@ -97,3 +98,104 @@ def test_close_joins_the_workers_and_a_dead_worker_is_a_clear_error(tiny_checkpo
     assert not multiprocessing.active_children() and not dist.is_initialized()
     with engine(tiny_checkpoint) as one:  # back to a single process
         assert one.generate([PROMPTS[2]], SamplingParams(max_tokens=2, ignore_eos=True))[0]
+
+
+def test_close_frees_the_model_so_a_second_engine_fits(tiny_checkpoint):
+    import gc
+    import weakref
+
+    eng = LLMEngine(tiny_engine_config(tiny_checkpoint, max_model_len=64))
+    refs = [weakref.ref(eng.runner.model), weakref.ref(eng.runner.kv_cache),
+            weakref.ref(eng.runner.model.model.layers[0].block_sparse_moe.w13)]  # fmt: skip
+    eng.close()
+    gc.collect()
+    assert all(r() is None for r in refs)  # weights, KV cache: nothing left holding them
+    eng.close()  # idempotent
+
+
+HANG = """
+import os, sys, time, torch
+sys.path.insert(0, {tests!r})
+from conftest import tiny_engine_config
+from moetune.runtime import LLMEngine, tp
+from moetune.runtime.model_runner import ModelRunner
+tp.DEATH_GRACE_S = 1.0
+eng = LLMEngine(tiny_engine_config({ckpt!r}, tensor_parallel_size=2, max_model_len=64))
+ModelRunner.use_tuned_tables = lambda self, tuned: time.sleep(120)  # only here, on rank 0: blocks as in NCCL
+worker = eng.workers.procs[0]
+import threading
+threading.Timer(1.0, os.kill, (worker.pid, 9)).start()
+print("calling", flush=True)
+eng.workers.call(eng.runner, "use_tuned_tables", True)
+print("returned: the watchdog did not fire", flush=True)
+"""
+
+
+def test_a_worker_dying_during_a_blocked_collective_ends_the_process_within_seconds(tiny_checkpoint):
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    script = HANG.format(tests=str(Path(__file__).parent), ckpt=str(tiny_checkpoint))
+    t0 = time.monotonic()
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "TRITON_INTERPRET": "1"})  # fmt: skip
+    assert out.returncode == 1, out.stdout + out.stderr[-2000:]
+    assert "worker rank 1 died (exit code -9) while rank 0 was blocked" in out.stderr
+    assert "returned" not in out.stdout and time.monotonic() - t0 < 90
+
+
+def test_serve_tp2_stops_on_sigterm_and_leaves_no_worker(tmp_path):
+    """`python -m moetune.serve --tp 2` serving: SIGTERM ends it, engine closed, worker gone, within seconds.
+    (After a comparison without --port it exits by itself: the same finally closes the engine.)"""
+    import subprocess
+    import sys
+    import time
+
+    cmd = [sys.executable, "-m", "moetune.serve", "--model", "tiny", "--tp", "2", "--no-compare", "--port", "0"]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        lines = []
+        for line in proc.stdout:  # bounded by the timeout below via proc.kill in finally
+            lines.append(line)
+            if line.startswith("serving"):
+                break
+        assert lines and lines[-1].startswith("serving"), "".join(lines)
+        children = [c for c in _children(proc.pid) if b"resource_tracker" not in _cmdline(c)]  # the TP worker
+        assert children, "no TP worker process found"
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        rest = proc.communicate(timeout=60)[0]
+        assert proc.returncode == 0 and "server stopped" in rest, rest
+        assert time.monotonic() - t0 < 30
+        assert not [c for c in children if os.path.exists(f"/proc/{c}") and _state(c) != "Z"]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as f:
+            out += [int(c) for c in f.read().split()]
+    return out
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
+
+
+def _state(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "Z"

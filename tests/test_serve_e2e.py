@@ -68,7 +68,7 @@ def test_tiny_compares_writes_results_and_serves_a_real_request(tmp_path):
                 port = int(line.split("http://127.0.0.1:")[1].split("/")[0])
         out = "".join(seen)
         assert port, f"server did not start:\n{out}"
-        assert "MEANINGLESS" in out and "TTFT" in out and "greedy prompt 0" in out
+        assert "MEANINGLESS" in out and "TTFT" in out and "parity prompt 0: MATCH" in out
         assert "NO TUNED TABLE" in out or "tuned table:" in out  # someone may have committed a CPU table
 
         result = json.loads(next(tmp_path.glob("serve_tiny_*.json")).read_text())

@@ -4,9 +4,13 @@ The KV cache is paged as in vLLM: `k_cache[block, slot, kv_head, :]`, and each s
 the blocks holding its tokens in order. Decode is memory-bound, so the kernel only has to read each
 sequence's used blocks once, at full bandwidth:
 
-* one program per (sequence, KV head, partition of PARTITION_BLOCKS blocks). Its GROUP query heads
-  share every K/V load (GQA), and splitting the context over partitions ("flash-decoding") keeps the GPU
-  busy at batch 1, where sequences x KV heads alone is only 8 programs for Mixtral;
+* one program per (sequence, KV head, partition of PARTITION tokens). Its GROUP query heads share every
+  K/V load (GQA), and splitting the context over partitions ("split-KV", flash-decoding) keeps the GPU
+  busy at batch 1, where sequences x KV heads alone is only 8 programs for Mixtral. The partition size
+  follows the batch (partition_tokens): 32 tokens at batch 1 gives 128 programs at a 512-token context;
+  big batches have programs enough and take long partitions (fewer partials to merge);
+* a program reads its partition in tiles of up to 64 tokens that may span several KV blocks (each row
+  looks up its own block), so one iteration has 16-32 KB in flight instead of one 16-token block;
 * scores are `sum(q * k)` over the head dimension in float32 rather than `tl.dot`: a decode tile has only
   GROUP (4) rows, below tl.dot's minimum of 16, and the elementwise form also runs correctly under
   Triton's CPU interpreter;
@@ -23,7 +27,7 @@ from torch import Tensor
 
 from moetune.kernels.interp import interpreting
 
-PARTITION_TOKENS = 128  # context tokens one program reads; 16 programs per KV head at 2048 tokens
+MAX_TILE = 64  # context tokens one loop iteration reads
 # triton.jit decides at definition time whether kernels run on the GPU or in the CPU interpreter
 INTERPRETED = interpreting()
 
@@ -55,18 +59,19 @@ def _decode_partition_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
-    PARTITION_BLOCKS: tl.constexpr,
+    PARTITION: tl.constexpr,
+    TILE: tl.constexpr,
 ):
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
     part = tl.program_id(2)
     ctx = tl.load(context_lens_ptr + b)
-    first = part * PARTITION_BLOCKS
-    last = tl.minimum(first + PARTITION_BLOCKS, tl.cdiv(ctx, BLOCK_SIZE))  # empty range past the context
+    first = part * PARTITION
+    last = tl.minimum(first + PARTITION, ctx)  # empty range past the context
 
     g = tl.arange(0, GROUP_PAD)
     d = tl.arange(0, BLOCK_D)
-    t = tl.arange(0, BLOCK_SIZE)
+    t = tl.arange(0, TILE)
     heads = kv_head * GROUP + g
     gd_mask = (g[:, None] < GROUP) & (d[None, :] < HEAD_DIM)
     q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :], mask=gd_mask, other=0.0)
@@ -75,18 +80,20 @@ def _decode_partition_kernel(
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, BLOCK_D], tl.float32)
-    for i in range(first, last):
-        block = tl.load(block_tables_ptr + b * stride_tb + i).to(tl.int64)
-        t_mask = i * BLOCK_SIZE + t < ctx
-        offs = block * stride_cb + t[:, None] * stride_ct + kv_head * stride_ch + d[None, :]
+    for start in range(first, last, TILE):
+        tok = start + t  # [T] context positions
+        t_mask = tok < last
+        block = tl.load(block_tables_ptr + b * stride_tb + tok // BLOCK_SIZE, mask=t_mask, other=0).to(tl.int64)
+        row = block * stride_cb + (tok % BLOCK_SIZE) * stride_ct + kv_head * stride_ch  # [T]
+        offs = row[:, None] + d[None, :]
         kv_mask = t_mask[:, None] & (d[None, :] < HEAD_DIM)
         k = tl.load(k_cache_ptr + offs, mask=kv_mask, other=0.0).to(tl.float32)  # [T, D]
+        v = tl.load(v_cache_ptr + offs, mask=kv_mask, other=0.0).to(tl.float32)  # [T, D], issued before the math
         s = tl.sum(q[:, None, :] * k[None, :, :], axis=2)  # [G, T]
         s = tl.where(t_mask[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: every visited block holds a token
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: every visited tile holds a token
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(s - m_new[:, None])  # [G, T]
-        v = tl.load(v_cache_ptr + offs, mask=kv_mask, other=0.0).to(tl.float32)  # [T, D]
         acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)  # [G, D]
         l_i = l_i * alpha + tl.sum(p, axis=1)
         m_i = m_new
@@ -114,14 +121,13 @@ def _decode_merge_kernel(
     stride_ap,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr,
-    PARTITION_BLOCKS: tl.constexpr,
+    PARTITION: tl.constexpr,
     P_PAD: tl.constexpr,
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)
     ctx = tl.load(context_lens_ptr + b)
-    num_parts = tl.cdiv(tl.cdiv(ctx, BLOCK_SIZE), PARTITION_BLOCKS)
+    num_parts = tl.cdiv(ctx, PARTITION)
     p = tl.arange(0, P_PAD)
     d = tl.arange(0, BLOCK_D)
     p_mask = p < num_parts
@@ -136,6 +142,13 @@ def _decode_merge_kernel(
     tl.store(out_ptr + b * stride_ob + h * stride_oh + d, out.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
 
 
+def auto_partition_tokens(batch: int, kv_heads: int) -> int:
+    """Split the context finely while batch x KV heads alone cannot fill the GPU (132 SMs on an H100);
+    coarsely once it can, so big batches write and merge few partials."""
+    work = batch * kv_heads
+    return 32 if work <= 16 else 64 if work <= 64 else 128 if work <= 256 else 256
+
+
 def paged_decode_attention(
     q: Tensor,  # [B, H, D]
     k_cache: Tensor,  # [num_blocks, block_size, Hkv, D]
@@ -143,6 +156,7 @@ def paged_decode_attention(
     block_tables: Tensor,  # [B, max_blocks] int32
     context_lens: Tensor,  # [B] int32; 0 marks a padding row, whose output is zeros
     scale: float | None = None,
+    partition_tokens: int = 0,  # context tokens per program; 0: partition_tokens(B, Hkv)
 ) -> Tensor:
     """Softmax(q K^T * scale) V over each sequence's first context_lens tokens. Returns [B, H, D] q.dtype."""
     B, H, D = q.shape
@@ -150,13 +164,14 @@ def paged_decode_attention(
     assert H % Hkv == 0 and k_cache.stride(3) == 1 and q.stride(2) == 1
     assert block_size & (block_size - 1) == 0, "the KV block size must be a power of two"
     scale = D**-0.5 if scale is None else scale
-    part_blocks = max(1, PARTITION_TOKENS // block_size)
-    P = triton.cdiv(block_tables.shape[1], part_blocks)  # from shapes only: graph-capturable
+    part = triton.next_power_of_2(partition_tokens or auto_partition_tokens(B, Hkv))
+    part = min(part, triton.next_power_of_2(block_tables.shape[1] * block_size))  # one partition: no split
+    P = triton.cdiv(block_tables.shape[1] * block_size, part)  # from shapes only: graph-capturable
     m = torch.empty(B, H, P, dtype=torch.float32, device=q.device)
     denom = torch.empty_like(m)
     acc = torch.empty(B, H, P, D, dtype=torch.float32, device=q.device)
     group = H // Hkv
-    meta = dict(HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), BLOCK_SIZE=block_size, PARTITION_BLOCKS=part_blocks)
+    meta = dict(HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), PARTITION=part)
     _decode_partition_kernel[(B, Hkv, P)](
         q,
         k_cache,
@@ -180,6 +195,8 @@ def paged_decode_attention(
         acc.stride(2),
         GROUP=group,
         GROUP_PAD=triton.next_power_of_2(group),
+        BLOCK_SIZE=block_size,
+        TILE=min(part, MAX_TILE),
         **meta,
     )
     out = torch.empty_like(q)
@@ -203,7 +220,8 @@ def paged_decode_attention(
 
 
 def paged_decode_attention_reference(
-    q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, context_lens: Tensor, scale: float | None = None
+    q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, context_lens: Tensor, scale: float | None = None,
+    partition_tokens: int = 0,  # accepted for the kernel's signature; the reference does not split
 ) -> Tensor:
     """The same in plain torch, one sequence at a time, softmax in float32. Returns [B, H, D] q.dtype."""
     B, H, D = q.shape

@@ -39,7 +39,18 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.90
     kvcache_block_size: int = 16
     enforce_eager: bool = False  # no CUDA graphs
+    dense_dtype: str = "auto"  # qkv/o/lm_head weights: "fp8" (e4m3, per-row scale) | "bf16"/"fp16" (= dtype's
+    #                            activations) | "auto": fp8 when dtype is fp8
+    fused_norm_rope: bool = True  # Triton add+RMSNorm and RoPE+KV-write kernels; False: the eager torch ops
+    decode_partition_tokens: int = 0  # split-KV decode attention: tokens per program; 0 = chosen by batch size
     seed: int = 0
+
+
+_INT_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+             "head_dim", "vocab_size", "num_local_experts", "num_experts_per_tok", "max_position_embeddings",
+             "bos_token_id", "eos_token_id")  # fmt: skip
+CONFIG_TYPES: dict[str, type | tuple[type, ...]] = dict.fromkeys(_INT_KEYS, int) | {
+    "rms_norm_eps": (int, float), "rope_theta": (int, float)}  # fmt: skip
 
 
 def spec_from_checkpoint(preset: ModelSpec, folder: Path) -> ModelSpec:
@@ -51,6 +62,13 @@ def spec_from_checkpoint(preset: ModelSpec, folder: Path) -> ModelSpec:
         hf = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise MoetuneError(f"{path}: cannot read the model config ({e})") from None
+    if not isinstance(hf, dict):
+        raise MoetuneError(f"{path}: expected a JSON object, found {type(hf).__name__}")
+    for key, value in hf.items():  # a wrong type would otherwise fail far away, in a tensor shape
+        want = CONFIG_TYPES.get(key)
+        if want and value is not None and (isinstance(value, bool) or not isinstance(value, want)):
+            kind = "an integer" if want is int else "a number"
+            raise MoetuneError(f"{path}: {key} must be {kind}, found {type(value).__name__} {value!r}")
     if hf.get("model_type", "mixtral") != "mixtral":
         raise MoetuneError(f"{path}: model_type is {hf.get('model_type')!r}; this runtime runs Mixtral only")
     if hf.get("tie_word_embeddings"):
@@ -125,6 +143,13 @@ def resolve(config: EngineConfig) -> tuple[EngineConfig, ModelSpec]:
             "moe_backend 'triton' on a CPU runs in Triton's interpreter: set TRITON_INTERPRET=1 before Python "
             "imports moetune, or use moe_backend='torch'"
         )
+    act = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[RUNTIME_DTYPES[cfg.dtype][0]]
+    if cfg.dense_dtype == "auto":
+        cfg.dense_dtype = "fp8" if cfg.dtype == "fp8" else act
+    if cfg.dense_dtype not in ("fp8", act):
+        raise MoetuneError(f"dense_dtype {cfg.dense_dtype!r} with dtype {cfg.dtype}: choose auto, fp8 or {act}")
+    if cfg.decode_partition_tokens < 0:
+        raise MoetuneError(f"decode_partition_tokens must be 0 (auto) or positive, got {cfg.decode_partition_tokens}")
     if cfg.max_model_len > spec.max_position_embeddings:
         log.info("max_model_len %d capped at the model's %d positions", cfg.max_model_len, spec.max_position_embeddings)
         cfg.max_model_len = spec.max_position_embeddings

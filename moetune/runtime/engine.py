@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,9 +82,17 @@ class LLMEngine:
         return self.workers.call(self.runner, method, *args)
 
     def close(self) -> None:
-        """Stop the tensor-parallel workers and leave the process group (nothing to do with tp = 1)."""
+        """Stop the tensor-parallel workers, leave the process group and free this process's weights, KV cache
+        and CUDA graphs, so another engine fits in the same process. Idempotent; the engine is unusable after."""
         if getattr(self, "workers", None) is not None:
             self.workers.close()
+        runner = self.__dict__.pop("runner", None)
+        if runner is not None:
+            runner.release()
+            del runner
+            gc.collect()  # the model's modules hold reference cycles (weight_loader closures)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
 
     def __del__(self) -> None:
         self.close()
@@ -196,6 +205,28 @@ class LLMEngine:
         seq.num_scheduled_tokens = len(seq)
         try:
             return self._call("prefill_logits", seq)
+        finally:
+            bm.release(seq)
+
+    def teacher_forced_logits(self, prompt: list[int], forced: list[int]) -> Tensor:
+        """[len(forced), vocab] float32: row i is the next-token logits after prompt + forced[: i + 1], each
+        computed by the decode step serving uses (its CUDA graph where there is one), not by a prefill.
+        The prompt is prefilled once; the sequence's blocks are released after. Call it when idle."""
+        if not prompt or len(prompt) + len(forced) > self.config.max_model_len:
+            raise MoetuneError(f"teacher_forced_logits needs 1 to max_model_len={self.config.max_model_len} tokens")
+        seq, bm = Sequence(prompt, SamplingParams()), self.scheduler.block_manager
+        if not bm.can_grow(seq, len(prompt) + len(forced)):
+            raise MoetuneError("teacher_forced_logits: the KV cache is full with running requests; call it when idle")
+        bm.grow(seq, len(prompt) + len(forced))
+        seq.num_scheduled_tokens = len(prompt)
+        try:
+            self._call("prefill_logits", seq)  # fills the cache; its logits are not the decode path's
+            rows = []
+            for token in forced:
+                seq.num_cached_tokens, seq.num_scheduled_tokens = len(seq), 1
+                seq.token_ids.append(token)
+                rows.append(self._call("decode_logits", seq))
+            return torch.stack(rows)
         finally:
             bm.release(seq)
 

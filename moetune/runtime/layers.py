@@ -18,7 +18,10 @@ from torch import Tensor, nn
 
 from moetune.errors import MoetuneError
 from moetune.kernels.attention import INTERPRETED, paged_decode_attention, paged_decode_attention_reference
+from moetune.kernels.linear_fp8 import FP8, fp8_linear, linear_fp8_reference, quantize_per_channel
+from moetune.kernels.norm import add_rms_norm, add_rms_norm_reference
 from moetune.kernels.reference import moe_reference
+from moetune.kernels.rope import rope_and_cache, rope_and_cache_reference
 from moetune.models import ModelSpec
 from moetune.runtime.context import get_context
 from moetune.tables import ConfigTable
@@ -61,23 +64,26 @@ def quantize_fp8(w: Tensor) -> tuple[Tensor, Tensor]:
     return wq[0], scale[0]
 
 
+def triton_runs(device: torch.device) -> bool:
+    """Triton kernels run on a GPU or under Triton's interpreter; a plain CPU takes the torch references."""
+    return device.type == "cuda" or INTERPRETED
+
+
 class RMSNorm(nn.Module):
-    def __init__(self, size: int, eps: float, dtype: torch.dtype, device: torch.device):
+    def __init__(self, size: int, eps: float, build: Build):
         super().__init__()
         self.eps = eps
-        self.weight = new_param((size,), dtype, device)
+        self.weight = new_param((size,), build.act_dtype, build.device)
+        self.norm = add_rms_norm if build.fused and triton_runs(build.device) else add_rms_norm_reference
 
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
         """Normalise x (after adding residual, which then becomes x itself). Float32 inside, as HF."""
-        if residual is not None:
-            x = residual = x + residual
-        var = x.float().pow(2).mean(-1, keepdim=True)  # [T, 1]
-        out = self.weight * (x.float() * torch.rsqrt(var + self.eps)).to(x.dtype)
-        return out if residual is None else (out, residual)
+        out, residual_out = self.norm(x, self.weight, self.eps, residual)
+        return out if residual is None else (out, residual_out)
 
 
 class RotaryEmbedding(nn.Module):
-    """HF's rotate_half convention: the two halves of each head are the (real, imaginary) pairs."""
+    """cos/sin tables [P, D/2] float32 for kernels/rope.py (HF's rotate_half convention)."""
 
     def __init__(self, head_dim: int, max_positions: int, theta: float, device: torch.device):
         super().__init__()
@@ -86,56 +92,74 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", freqs.cos(), persistent=False)
         self.register_buffer("sin", freqs.sin(), persistent=False)
 
-    def forward(self, positions: Tensor, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
-        cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]  # [T, 1, D/2]
 
-        def rotate(x: Tensor) -> Tensor:  # [T, heads, D]
-            x1, x2 = x.float().chunk(2, dim=-1)
-            return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+class Linear(nn.Module):
+    """y = x W^T, W [out, in] in the activation dtype, or e4m3 with a float32 scale per output row
+    (`weight_scale`). rows(loaded, shard_id) -> (first row, this rank's rows) says where a checkpoint
+    tensor goes; per-row scales let each shard (q, k, v) be quantised on its own as it arrives."""
 
-        return rotate(q), rotate(k)
+    def __init__(self, out_features: int, in_features: int, build: Build, rows: Callable | None = None):
+        super().__init__()
+        self.fp8 = build.dense_fp8
+        self.weight = new_param((out_features, in_features), FP8 if self.fp8 else build.act_dtype, build.device,
+                                self._load)  # fmt: skip
+        self.weight_scale = new_param((out_features,), torch.float32, build.device) if self.fp8 else None
+        self.rows = rows or (lambda loaded, shard_id: (0, loaded))
+        self.fp8_fn = fp8_linear if triton_runs(build.device) else linear_fp8_reference
+
+    def _load(self, param: nn.Parameter, loaded: Tensor, shard_id: object) -> None:
+        first, w = self.rows(loaded, shard_id)
+        dst = param.data.narrow(0, first, w.shape[0])
+        if self.fp8:
+            wq, scale = quantize_per_channel(w.to(param.device))
+            dst.copy_(wq)
+            self.weight_scale.data.narrow(0, first, w.shape[0]).copy_(scale)
+        else:
+            dst.copy_(w)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fp8_fn(x, self.weight, self.weight_scale) if self.fp8 else F.linear(x, self.weight)
 
 
 def _decode_kernel(device: torch.device) -> Callable[..., Tensor]:
-    """The Triton kernel on a GPU or under Triton's interpreter; the torch reference on a plain CPU."""
-    return paged_decode_attention if device.type == "cuda" or INTERPRETED else paged_decode_attention_reference
+    return paged_decode_attention if triton_runs(device) else paged_decode_attention_reference
 
 
 class Attention(nn.Module):
-    def __init__(self, spec: ModelSpec, rotary: RotaryEmbedding, dtype: torch.dtype, device: torch.device):
+    def __init__(self, spec: ModelSpec, rotary: RotaryEmbedding, build: Build):
         super().__init__()
         self.num_heads, self.num_kv_heads = spec.num_heads // TP_SIZE, spec.num_kv_heads // TP_SIZE
         self.head_dim = D = spec.head_dim
         self.q_size, self.kv_size = self.num_heads * D, self.num_kv_heads * D
-        self.qkv_proj = new_param((self.q_size + 2 * self.kv_size, spec.hidden_size), dtype, device, self._load_qkv)
-        self.o_proj = new_param((spec.hidden_size, self.q_size), dtype, device, self._load_o)
+        self.qkv_proj = Linear(self.q_size + 2 * self.kv_size, spec.hidden_size, build, self._qkv_rows)
+        # row-parallel: each rank holds the columns of its heads
+        self.o_proj = Linear(spec.hidden_size, self.q_size, build, lambda loaded, _: (0, shard(loaded, 1)))
         self.rotary = rotary
         self.k_cache: Tensor | None = None  # [num_blocks, block_size, Hkv, D], set by the model runner
         self.v_cache: Tensor | None = None
-        self.decode_attention = _decode_kernel(torch.device(device))
+        fused = build.fused and triton_runs(build.device)
+        self.rope_and_cache = rope_and_cache if fused else rope_and_cache_reference
+        self.decode_attention = _decode_kernel(build.device)
+        self.partition_tokens = build.decode_partition_tokens
 
-    def _load_qkv(self, param: nn.Parameter, loaded: Tensor, shard_id: str) -> None:
-        offset = {"q": 0, "k": self.q_size, "v": self.q_size + self.kv_size}[shard_id]
-        size = self.q_size if shard_id == "q" else self.kv_size
-        param.data.narrow(0, offset, size).copy_(shard(loaded, 0))
-
-    def _load_o(self, param: nn.Parameter, loaded: Tensor, shard_id: None) -> None:
-        param.data.copy_(shard(loaded, 1))  # row-parallel: each rank holds the columns of its heads
+    def _qkv_rows(self, loaded: Tensor, shard_id: str) -> tuple[int, Tensor]:
+        return {"q": 0, "k": self.q_size, "v": self.q_size + self.kv_size}[shard_id], shard(loaded, 0)
 
     def forward(self, positions: Tensor, x: Tensor) -> Tensor:
         T, D = x.shape[0], self.head_dim
-        q, k, v = F.linear(x, self.qkv_proj).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q, k = self.rotary(positions, q.view(T, self.num_heads, D), k.view(T, self.num_kv_heads, D))  # [T, H(kv), D]
-        v = v.view(T, self.num_kv_heads, D)
+        qkv = self.qkv_proj(x)  # [T, (H + 2 Hkv) D]
         ctx = get_context()
-        if self.k_cache is not None:  # None only while the runner profiles memory before allocating it
-            self.k_cache.view(-1, self.num_kv_heads, D).index_copy_(0, ctx.slot_mapping, k)
-            self.v_cache.view(-1, self.num_kv_heads, D).index_copy_(0, ctx.slot_mapping, v)
+        # q and k rotated in place; K/V written to the cache (None only while the runner profiles memory)
+        self.rope_and_cache(qkv, positions, self.rotary.cos, self.rotary.sin, self.num_heads, self.num_kv_heads,
+                            self.k_cache, self.v_cache, ctx.slot_mapping)  # fmt: skip
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q, k, v = q.view(T, self.num_heads, D), k.view(T, self.num_kv_heads, D), v.view(T, self.num_kv_heads, D)
         if ctx.is_prefill:
             o = self._prefill(q, k, v)
         else:
-            o = self.decode_attention(q, self.k_cache, self.v_cache, ctx.block_tables, ctx.context_lens)
-        return all_reduce(F.linear(o.reshape(T, self.q_size), self.o_proj))
+            o = self.decode_attention(q, self.k_cache, self.v_cache, ctx.block_tables, ctx.context_lens,
+                                      partition_tokens=self.partition_tokens)  # fmt: skip
+        return all_reduce(self.o_proj(o.reshape(T, self.q_size)))
 
     def _prefill(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """Causal SDPA per sequence; a later chunk of a chunked prefill also sees its cached tokens."""
@@ -181,6 +205,9 @@ class Build:
     device: torch.device
     moe_backend: str
     tables: MoeTables
+    dense_fp8: bool = False  # qkv, o and lm_head weights in e4m3 (router and embeddings stay 16-bit)
+    fused: bool = True  # one Triton kernel each for add + RMSNorm and RoPE + KV write (else eager torch)
+    decode_partition_tokens: int = 0  # split-KV partition size of decode attention; 0: by batch size
 
 
 def _fused_moe() -> Callable[..., Tensor]:

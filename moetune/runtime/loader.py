@@ -27,10 +27,11 @@ def load_safetensors(model: MixtralForCausalLM, folder: str | Path) -> None:
     expected = MixtralForCausalLM.checkpoint_shapes(model.spec)
     params = dict(model.named_parameters())
     with contextlib.ExitStack() as stack:
-        where = {}
+        where, file_of = {}, {}
         for f in files:
-            handle = stack.enter_context(safe_open(f, framework="pt", device="cpu"))
+            handle = stack.enter_context(_open(safe_open, f))
             where.update(dict.fromkeys(handle.keys(), handle))
+            file_of.update(dict.fromkeys(handle.keys(), f))
         missing = [name for name in expected if name not in where]
         if missing:
             more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
@@ -45,6 +46,28 @@ def load_safetensors(model: MixtralForCausalLM, folder: str | Path) -> None:
         for name in expected:  # layer order: fp8 staging holds at most one expert's gate/up pair
             param_name, shard_id = MixtralForCausalLM.param_for(name)
             param = params[param_name]
-            param.weight_loader(param, where[name].get_tensor(name), shard_id)
+            try:
+                tensor = where[name].get_tensor(name)
+            except Exception as e:  # safetensors' own errors carry no file name
+                raise MoetuneError(f"{file_of[name]}: cannot read tensor {name} ({_why(e)})") from None
+            param.weight_loader(param, tensor, shard_id)
     extra = len(where) - len(expected)
     log.info("loaded %d tensors from %s%s", len(expected), folder, f" ({extra} unused)" if extra else "")
+
+
+def _why(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}".strip().rstrip(":")
+
+
+def _open(safe_open, path: Path):
+    """safe_open, with an empty, truncated or corrupt file reported by name (safetensors names none)."""
+    size = path.stat().st_size
+    if size == 0:
+        raise MoetuneError(f"{path}: the file is empty (0 bytes); the download or copy did not finish")
+    try:
+        return safe_open(path, framework="pt", device="cpu")
+    except Exception as e:
+        raise MoetuneError(
+            f"{path}: not a valid safetensors file ({size} bytes; {_why(e)}); it is truncated or corrupt, "
+            "re-download it"
+        ) from None

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moetune.models import ModelSpec
-from moetune.runtime.layers import Attention, Build, RMSNorm, RotaryEmbedding, SparseMoeBlock, new_param
+from moetune.runtime.layers import Attention, Build, Linear, RMSNorm, RotaryEmbedding, SparseMoeBlock, new_param
 
 
 class Embedding(nn.Module):  # vocabulary sharding would go here for TP > 1; Mixtral's is small enough to replicate
@@ -26,10 +26,9 @@ class Embedding(nn.Module):  # vocabulary sharding would go here for TP > 1; Mix
 class DecoderLayer(nn.Module):
     def __init__(self, spec: ModelSpec, rotary: RotaryEmbedding, build: Build):
         super().__init__()
-        dtype, device = build.act_dtype, build.device
-        self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype, device)
-        self.self_attn = Attention(spec, rotary, dtype, device)
-        self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype, device)
+        self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, build)
+        self.self_attn = Attention(spec, rotary, build)
+        self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, build)
         self.block_sparse_moe = SparseMoeBlock(spec, build)
 
     def forward(self, positions: Tensor, x: Tensor, residual: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -48,7 +47,7 @@ class MixtralModel(nn.Module):
         self.embed_tokens = Embedding(spec.vocab_size, spec.hidden_size, build.act_dtype, build.device)
         rotary = RotaryEmbedding(spec.head_dim, max_positions, spec.rope_theta, build.device)
         self.layers = nn.ModuleList(DecoderLayer(spec, rotary, build) for _ in range(spec.num_layers))
-        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, build.act_dtype, build.device)
+        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, build)
 
     def forward(self, input_ids: Tensor, positions: Tensor) -> Tensor:
         x, residual = self.embed_tokens(input_ids), None  # [T, H]
@@ -62,13 +61,13 @@ class MixtralForCausalLM(nn.Module):
         super().__init__()
         self.spec = spec
         self.model = MixtralModel(spec, max_positions, build)
-        self.lm_head = Embedding(spec.vocab_size, spec.hidden_size, build.act_dtype, build.device)
+        self.lm_head = Linear(spec.vocab_size, spec.hidden_size, build)
 
     def forward(self, input_ids: Tensor, positions: Tensor) -> Tensor:  # [T] -> hidden states [T, H]
         return self.model(input_ids, positions)
 
     def compute_logits(self, hidden: Tensor) -> Tensor:  # [T, H] -> [T, V] float32
-        return F.linear(hidden, self.lm_head.weight).float()
+        return self.lm_head(hidden).float()
 
     @torch.no_grad()
     def init_dummy(self, seed: int) -> None:
@@ -79,11 +78,15 @@ class MixtralForCausalLM(nn.Module):
         for name, p in params.items():
             if name.endswith("norm.weight"):
                 p.fill_(1.0)
-            elif name.endswith("_scale"):  # fp8 experts: N(0, 1) in e4m3 times this scale
+            elif name.endswith("_scale"):  # fp8 weights: N(0, 1) in e4m3 times this scale
                 p.fill_(params[name.removesuffix("_scale")].shape[-1] ** -0.5)
-            elif p.dtype == torch.float8_e4m3fn:
-                for e in range(p.shape[0]):  # one expert at a time bounds the bf16 scratch
-                    p[e].copy_(torch.randn(p.shape[1:], dtype=torch.bfloat16, device=p.device, generator=gen))
+            elif p.dtype == torch.float8_e4m3fn:  # N(0, 1), in chunks of rows to bound the bf16 scratch
+                rows = p.view(-1, p.shape[-1])
+                step = max(1, (1 << 26) // p.shape[-1])
+                for i in range(0, rows.shape[0], step):
+                    n = min(step, rows.shape[0] - i)
+                    rows[i : i + n].copy_(torch.randn(n, p.shape[-1], dtype=torch.bfloat16, device=p.device,
+                                                      generator=gen))  # fmt: skip
             else:
                 p.normal_(0.0, 1.0 if name.endswith("embed_tokens.weight") else p.shape[-1] ** -0.5, generator=gen)
 
@@ -117,7 +120,7 @@ class MixtralForCausalLM(nn.Module):
             e, which = int(parts[-3]), parts[-2]
             return ".".join(parts[:-4] + ["w2" if which == "w2" else "w13"]), (which, e)
         if parts[-2] in ("q_proj", "k_proj", "v_proj"):
-            return ".".join(parts[:-2] + ["qkv_proj"]), parts[-2][0]
-        if parts[-2] in ("o_proj", "gate"):
+            return ".".join(parts[:-2] + ["qkv_proj", "weight"]), parts[-2][0]
+        if parts[-2] == "gate":
             return ".".join(parts[:-1]), None
         return hf_name, None

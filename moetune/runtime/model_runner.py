@@ -59,7 +59,10 @@ class ModelRunner:
         self.dtype, expert_dtype = RUNTIME_DTYPES[cfg.dtype]
         self.block_size = cfg.kvcache_block_size
         self.max_blocks = blocks_for(cfg.max_model_len, self.block_size)  # block-table width
-        build = Build(self.dtype, expert_dtype, self.device, cfg.moe_backend, tables)
+        build = Build(
+            self.dtype, expert_dtype, self.device, cfg.moe_backend, tables, dense_fp8=cfg.dense_dtype == "fp8",
+            fused=cfg.fused_norm_rope, decode_partition_tokens=cfg.decode_partition_tokens,
+        )  # fmt: skip
         self.model = MixtralForCausalLM(spec, cfg.max_model_len, build)
         t0 = time.perf_counter()
         if cfg.load_format == "dummy":
@@ -73,8 +76,19 @@ class ModelRunner:
         # the torch MoE backend syncs with the host (it loops over the experts in use), so it runs eagerly
         self.use_graphs = self.device.type == "cuda" and not cfg.enforce_eager and cfg.moe_backend == "triton"
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.graph_inputs: dict[str, Tensor] = {}
         if self.use_graphs:
             self.capture_graphs()
+
+    def release(self) -> None:
+        """Drop every tensor this runner owns (graphs and their pool first, then cache and weights)."""
+        self.graphs.clear()
+        self.graph_inputs = {}
+        for layer in self.model.model.layers:
+            layer.self_attn.k_cache = layer.self_attn.v_cache = None
+        self.kv_cache = None
+        self.model = None
+        reset_context()
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -175,6 +189,12 @@ class ModelRunner:
         return self.model.compute_logits(hidden) if self.is_driver else None  # [T, V]
 
     # ------------------------------------------------------------------------------------------ decode
+
+    @torch.inference_mode()
+    def decode_logits(self, seq: StepSeq) -> Tensor | None:
+        """One decode step of one sequence through the serving path (graph or eager): its [V] logits on rank 0."""
+        logits = self._decode_logits([seq])
+        return logits[0].float().cpu() if self.is_driver else None
 
     def _decode_inputs(self, seqs: list[StepSeq]) -> tuple[list[int], list[int], list[int], list[int]]:
         ids = [s.last_token for s in seqs]

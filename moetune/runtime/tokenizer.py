@@ -31,7 +31,13 @@ class Tokenizer:
         except ImportError:
             raise MoetuneError("the tokenizer needs sentencepiece: `pip install sentencepiece`") from None
         self.path = Path(model_file)
-        self.sp = spm.SentencePieceProcessor(model_file=str(model_file))
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=str(model_file))
+        except (RuntimeError, OSError) as e:
+            raise MoetuneError(
+                f"{self.path}: not a valid sentencepiece tokenizer model ({str(e).strip() or type(e).__name__}); "
+                "it is corrupt or truncated, re-download it"
+            ) from None
         self.bos_id: int = self.sp.bos_id()
         self.eos_id: int = self.sp.eos_id()
         self.vocab_size: int = self.sp.vocab_size()

@@ -5,6 +5,13 @@ rank) or gloo (CPU). Only rank 0 schedules and samples. Each step it sends every
 and its arguments, then makes the same call itself, so all ranks meet in the same collectives. Control
 goes over one pipe per worker, not a collective: an idle worker waits without a timeout and sees rank 0's
 death as EOF, and rank 0 sees a dead worker as a broken pipe instead of a collective that hangs.
+
+A worker can also die while rank 0 is inside a call, waiting in a collective. gloo fails that collective
+at once; NCCL would wait out its 10-minute timeout. So a watchdog thread waits on the workers' exit
+sentinels: if one dies while a call is in flight and the call has not ended after DEATH_GRACE_S, it says
+which rank died, kills the other workers and ends the process (exit code 1): a blocked collective cannot
+be interrupted from Python. Teardown is bounded too: close() asks, then terminates, then kills, and
+leaves the process group from a helper thread it waits on for at most TEARDOWN_S.
 """
 
 from __future__ import annotations
@@ -17,6 +24,9 @@ import multiprocessing.process
 import os
 import pickle
 import socket
+import sys
+import threading
+import time
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -37,8 +47,21 @@ T = TypeVar("T")
 NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 # a collective waits this long for a slow rank (loading weights) before it fails
 COLLECTIVE_TIMEOUT = timedelta(minutes=10)
-JOIN_S = 30.0
+JOIN_S = 10.0  # a worker's time to leave after EXIT before it is terminated (then killed)
+TEARDOWN_S = 10.0  # destroy_process_group may block in NCCL on a dead peer: never wait longer
+DEATH_GRACE_S = 5.0  # a call still blocked this long after a worker died is a hung collective
 EXIT = "exit"
+
+
+def leave_process_group(timeout: float = TEARDOWN_S) -> None:
+    """dist.destroy_process_group(), abandoned after timeout (the thread is a daemon: it cannot hold exit)."""
+    if not dist.is_initialized():
+        return
+    t = threading.Thread(target=dist.destroy_process_group, name="moetune-tp-teardown", daemon=True)
+    t.start()
+    t.join(timeout)
+    if t.is_alive():
+        logging.getLogger("moetune").warning("leaving the process group took over %.0f s; abandoned", timeout)
 
 
 def init_rank(rank: int, size: int, port: int, device: str) -> None:
@@ -77,7 +100,7 @@ def _worker(
             with contextlib.suppress(MoetuneError):  # a refused argument: rank 0 refuses it too and carries on
                 getattr(runner, method)(*args)
     finally:
-        dist.destroy_process_group()
+        leave_process_group()
 
 
 class TPWorkers:
@@ -90,6 +113,7 @@ class TPWorkers:
         self.procs: list[multiprocessing.process.BaseProcess] = []
         self.conns: list[multiprocessing.connection.Connection] = []
         self.open = True
+        self.busy_since: float | None = None  # monotonic start of the call in flight on rank 0
         atexit.register(self.close)
         for rank in range(1, size):
             ours, theirs = ctx.Pipe()
@@ -107,7 +131,28 @@ class TPWorkers:
             err = self._failure(e) if isinstance(e, EOFError | RuntimeError) else e
             self.close()
             raise err from None
+        threading.Thread(target=self._watch, name="moetune-tp-watchdog", daemon=True).start()
 
+    def _watch(self) -> None:
+        """End the process if a worker dies while rank 0 stays blocked in a call (see the module notes)."""
+        sentinels = {p.sentinel: rank for rank, p in enumerate(self.procs, 1)}
+        ready = multiprocessing.connection.wait(list(sentinels))
+        if not self.open:
+            return  # close() stopped them
+        rank = sentinels[ready[0]]
+        died = time.monotonic()
+        while self.open and self.busy_since is not None and time.monotonic() - died < DEATH_GRACE_S:
+            time.sleep(0.05)
+        if not self.open or self.busy_since is None:
+            return  # the call failed by itself (gloo) or none was in flight: the next call reports it
+        code = self.procs[rank - 1].exitcode
+        print(f"moetune: tensor-parallel worker rank {rank} died (exit code {code}) while rank 0 was blocked in a "
+              f"collective for {DEATH_GRACE_S:.0f} s; ending the process (see the worker's stderr)",
+              file=sys.stderr, flush=True)  # fmt: skip
+        for p in self.procs:
+            if p.is_alive():
+                p.kill()
+        os._exit(1)
     def _failure(self, cause: BaseException) -> BaseException:
         """A MoetuneError naming the dead workers (after closing the rest), or cause if all are alive."""
         multiprocessing.connection.wait([p.sentinel for p in self.procs], timeout=1.0)  # let a dying one exit
@@ -138,10 +183,15 @@ class TPWorkers:
                 conn.send_bytes(msg)
         except OSError as e:
             raise self._failure(EOFError(str(e))) from None
-        return self.run(lambda: getattr(runner, method)(*args))
+        self.busy_since = time.monotonic()
+        try:
+            return self.run(lambda: getattr(runner, method)(*args))
+        finally:
+            self.busy_since = None
 
     def close(self) -> None:
-        """Stop the workers (asked, then terminated after JOIN_S) and leave the process group. Idempotent."""
+        """Stop the workers (asked; terminated after JOIN_S; killed 5 s later) and leave the process group.
+        Idempotent, and bounded in time whatever state the workers are in."""
         if not self.open:
             return
         self.open = False
@@ -149,13 +199,17 @@ class TPWorkers:
         for conn in self.conns:
             with contextlib.suppress(OSError):
                 conn.send_bytes(pickle.dumps((EXIT, ())))
+        deadline = time.monotonic() + JOIN_S
         for proc in self.procs:
-            proc.join(JOIN_S)
+            proc.join(max(0.0, deadline - time.monotonic()))
+        for proc in self.procs:
             if proc.is_alive():
                 proc.terminate()
+                proc.join(5.0)
+            if proc.is_alive():
+                proc.kill()
                 proc.join()
         for conn in self.conns:
             conn.close()
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        leave_process_group()
         set_tp(0, 1)

@@ -89,9 +89,8 @@ def run(args: argparse.Namespace) -> int:
     # Imported only now: the no-GPU answer above should not wait for Triton to load.
     from moetune.runtime.config import EngineConfig
     from moetune.runtime.engine import LLMEngine
-    from moetune.serve.compare import Workload, compare, report, save
+    from moetune.serve.compare import Workload
     from moetune.serve.health import check_moe_table
-    from moetune.serve.server import start_server
 
     d = CPU_DEFAULTS if device == "cpu" else GPU_DEFAULTS
     batches = args.batch_sizes or d["batch_sizes"]
@@ -113,6 +112,15 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     engine = LLMEngine(cfg)
     print(f"loaded in {time.perf_counter() - t0:.1f} s (dtype {engine.config.dtype})", flush=True)
+    try:
+        return _compare_and_serve(engine, args, w)
+    finally:
+        engine.close()  # workers, process group, GPU memory: the process then exits by itself
+
+
+def _compare_and_serve(engine: object, args: argparse.Namespace, w: object) -> int:
+    from moetune.serve.compare import compare, report, save
+    from moetune.serve.server import start_server
 
     if not args.no_compare:
         result = compare(engine, w)
@@ -127,17 +135,14 @@ def run(args: argparse.Namespace) -> int:
         server = start_server(engine, args.host, args.port)  # from here on only its thread calls the engine
     except OSError as e:
         raise MoetuneError(f"cannot listen on {args.host}:{args.port} ({e.strerror}); pick another --port") from None
-    print(f"serving {args.model} at {server.url}/v1 with {table or 'default MoE configs (no tuned table)'}; "
-          f"Ctrl-C stops", flush=True)
-    old = signal.signal(signal.SIGTERM, _sigterm) if threading.current_thread() is threading.main_thread() else None
-    try:
+    try:  # before the "serving" line: a signal right after it must still reach the except below
+        print(f"serving {args.model} at {server.url}/v1 with {table or 'default MoE configs (no tuned table)'}; "
+              f"Ctrl-C stops", flush=True)
         server.serve_forever()
     except KeyboardInterrupt:
         pass
     finally:
         server.close()
-        if old is not None:
-            signal.signal(signal.SIGTERM, old)
         print("server stopped", flush=True)
     return 0
 
@@ -152,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.no_compare and args.port is None:
         parser.error("--no-compare without --port leaves nothing to do")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
+    # SIGTERM stops like Ctrl-C at any point (loading, comparing, serving), so the engine is closed
+    old = signal.signal(signal.SIGTERM, _sigterm) if threading.current_thread() is threading.main_thread() else None
     try:
         return run(args)
     except MoetuneError as e:
@@ -160,6 +167,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("moetune serve: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if old is not None:
+            signal.signal(signal.SIGTERM, old)
 
 
 if __name__ == "__main__":

@@ -24,11 +24,11 @@ from moetune.tables import atomic_write_json, atomic_write_text, device_name
 
 log = logging.getLogger("moetune.serve")
 
-# How far logits may move between the runs before a flipped token counts as a real mismatch,
-# relative to the largest |logit|. Tuned tables change BLOCK_SIZE_K, so each MoE GEMM sums in another
-# order and rounds its output differently: about one ulp per layer (2^-8 in bf16, 2^-11 in fp16;
-# fp8 runs keep bf16 activations), compounded over the layers and the residual stream. 2e-2 allows a
-# few ulps of drift and still catches a wrong config, which moves logits by O(1). fp32 rounds 2^-24.
+# How far logits may move between the two tables before the check says MISMATCH, relative to the largest
+# |logit| (at least 1). Tuned tables change BLOCK_SIZE_K, so each MoE GEMM sums in another order and
+# rounds its output differently: about one ulp per layer (2^-8 in bf16, 2^-11 in fp16; fp8 runs keep
+# bf16 activations), compounded over the layers and the residual stream. 2e-2 allows a few ulps of drift
+# and still catches a wrong config, which moves logits by O(1). fp32 rounds at 2^-24.
 LOGIT_RTOL = {"fp32": 1e-4, "bf16": 2e-2, "fp16": 2e-2, "fp8": 2e-2}
 
 
@@ -39,8 +39,8 @@ class Workload:
     prompt_len: int  # prompt length for time to first token
     steps: int = 20  # decode steps per timing
     ttft_reps: int = 3  # timed prefills after one warm-up
-    check_prompts: int = 3  # greedy-parity prompts
-    check_tokens: int = 32  # greedy tokens per parity prompt
+    check_prompts: int = 3  # parity prompts
+    check_tokens: int = 32  # teacher-forced decode steps (and greedy tokens) per parity prompt
     check_prompt_len: int = 64
 
 
@@ -58,12 +58,6 @@ def check_workload(w: Workload, cfg: Any) -> None:
         raise MoetuneError(f"--context-len {w.context_len} does not fit --max-model-len {cfg.max_model_len}")
     if w.prompt_len + 1 > cfg.max_model_len:
         raise MoetuneError(f"--prompt-len {w.prompt_len} does not fit --max-model-len {cfg.max_model_len}")
-
-
-def _logits(engine: Any, ids: list[int]) -> torch.Tensor:
-    """Next-token logits after ids, [vocab] fp32. They come from a prefill, not the decode step that
-    chose the token: the check asks how far the tables move logits, and both tables run the same path."""
-    return engine.prefill_logits(ids)[-1].float().cpu()
 
 
 def time_ttft_ms(engine: Any, prompt: list[int], reps: int) -> float:
@@ -86,7 +80,7 @@ def time_ttft_ms(engine: Any, prompt: list[int], reps: int) -> float:
     return statistics.median(samples[1:]) * 1e3
 
 
-def run_mode(engine: Any, tuned: bool, w: Workload, prompts: list[list[int]]) -> dict:
+def run_mode(engine: Any, tuned: bool, w: Workload, prompts: list[list[int]], forced: list[list[int]]) -> dict:
     engine.use_tuned_tables(tuned)
     label = "tuned" if tuned else "default"
     decode_us = {}
@@ -95,55 +89,40 @@ def run_mode(engine: Any, tuned: bool, w: Workload, prompts: list[list[int]]) ->
         decode_us[b] = engine.decode_step_time_us(b, w.context_len, w.steps)
     log.info("%s: time to first token, %d-token prompt", label, w.prompt_len)
     ttft = time_ttft_ms(engine, fixed_prompt(w.prompt_len, engine.spec.vocab_size, seed=1), w.ttft_reps)
+    log.info("%s: teacher-forced decode logits and greedy tokens", label)
+    logits = [engine.teacher_forced_logits(p, f) for p, f in zip(prompts, forced)]  # [steps, V] each
     greedy = SamplingParams(temperature=0.0, max_tokens=w.check_tokens, ignore_eos=True)
     tokens = [list(t) for t in engine.generate(prompts, greedy)]
-    logits = [_logits(engine, p) for p in prompts[:1]]  # the prompt-end baseline: how far logits move
     return {"table": str(engine.moe_table_path) if engine.moe_table_path else None, "decode_us": decode_us,
             "ttft_ms": ttft, "tokens": tokens, "logits": logits}
 
 
 @dataclass
 class Parity:
+    """Both tables on the same tokens: teacher-forced decode steps, logits compared step by step."""
+
     prompt: int
-    identical: bool
+    steps: int
+    max_abs_logit_diff: float  # over every step and vocabulary entry
+    worst_step: int
+    tolerance: float
+    verdict: str  # "MATCH" (within tolerance) | "MISMATCH"
+    greedy_identical: bool  # information only: near-tied random logits flip on rounding noise
     first_divergence: int | None = None
     default_token: int | None = None
     tuned_token: int | None = None
-    max_abs_logit_diff: float | None = None
-    tolerance: float | None = None
-    verdict: str = "identical"
 
 
-def _logit_check(p: Parity, ld: torch.Tensor, lt: torch.Tensor, rtol: float) -> None:
-    """A flip is rounding noise if the two tokens' gap is within the measured drift in both runs and
-    the drift itself is within tolerance; otherwise the configs compute something different."""
-    a, b = p.default_token, p.tuned_token
-    drift = (ld - lt).abs().max().item()
-    p.max_abs_logit_diff, p.tolerance = drift, rtol * max(1.0, ld.abs().max().item())
-    # a flip needs the gap to change sign, and a gap can move by at most 2 * drift
-    near_tie = (ld[a] - ld[b]).item() <= 2 * drift and (lt[b] - lt[a]).item() <= 2 * drift
-    p.verdict = "near-tie within tolerance" if near_tie and drift <= p.tolerance else "MISMATCH"
-
-
-def parity(engine: Any, runs: dict, prompts: list[list[int]], dtype: str) -> list[Parity]:
+def parity(runs: dict, dtype: str) -> list[Parity]:
     out, rtol = [], LOGIT_RTOL.get(dtype, 2e-2)
-    for i, (td, tt) in enumerate(zip(runs["default"]["tokens"], runs["tuned"]["tokens"])):
+    d, t = runs["default"], runs["tuned"]
+    for i, (ld, lt, td, tt) in enumerate(zip(d["logits"], t["logits"], d["tokens"], t["tokens"])):
+        step_diff = (ld - lt).abs().amax(dim=-1)  # [steps]
+        drift, tol = step_diff.max().item(), rtol * max(1.0, ld.abs().max().item())
         k = next((j for j, (x, y) in enumerate(zip(td, tt)) if x != y), None)
-        out.append(Parity(i, k is None) if k is None else Parity(i, False, k, td[k], tt[k], verdict="unverified"))
-    ld0, lt0 = runs["default"]["logits"][0], runs["tuned"]["logits"][0]
-    if out[0].identical:
-        out[0].max_abs_logit_diff = (ld0 - lt0).abs().max().item()
-        out[0].tolerance = rtol * max(1.0, ld0.abs().max().item())
-    diverged = [p for p in out if not p.identical]
-    if diverged:
-        # Logits at the divergence: prompt + the tokens both runs agreed on, under each table.
-        prefixes = [prompts[p.prompt] + runs["tuned"]["tokens"][p.prompt][: p.first_divergence] for p in diverged]
-        lt = [_logits(engine, x) for x in prefixes]  # the engine is in tuned mode now
-        engine.use_tuned_tables(False)
-        ld = [_logits(engine, x) for x in prefixes]
-        engine.use_tuned_tables(True)
-        for p, a, b in zip(diverged, ld, lt):
-            _logit_check(p, a, b, rtol)
+        verdict = "MATCH" if drift <= tol else "MISMATCH"
+        a, b = (td[k], tt[k]) if k is not None else (None, None)
+        out.append(Parity(i, ld.shape[0], drift, int(step_diff.argmax()), tol, verdict, k is None, k, a, b))
     return out
 
 
@@ -152,7 +131,8 @@ def compare(engine: Any, w: Workload) -> dict:
     check_workload(w, engine.config)
     v = engine.spec.vocab_size
     prompts = [fixed_prompt(w.check_prompt_len, v, seed=100 + i) for i in range(w.check_prompts)]
-    runs = {"default": run_mode(engine, False, w, prompts), "tuned": run_mode(engine, True, w, prompts)}
+    forced = [fixed_prompt(w.check_tokens, v, seed=200 + i) for i in range(w.check_prompts)]  # the same for both
+    runs = {"default": run_mode(engine, False, w, prompts, forced), "tuned": run_mode(engine, True, w, prompts, forced)}
     table = runs["tuned"]["table"]
     on_cpu = str(getattr(engine.config, "device", "")) == "cpu" or not torch.cuda.is_available()
 
@@ -172,7 +152,7 @@ def compare(engine: Any, w: Workload) -> dict:
         "timings_meaningful": not on_cpu, "table": table, "tuned_table_found": table is not None,
         "workload": asdict(w), "decode": rows,
         "ttft": {"prompt_len": w.prompt_len, "default_ms": d, "tuned_ms": t, "speedup": speedup(d, t)},
-        "greedy_parity": [asdict(p) for p in parity(engine, runs, prompts, engine.config.dtype)],
+        "parity": [asdict(p) for p in parity(runs, engine.config.dtype)],
         "torch": torch.__version__, "triton": triton.__version__,
         "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
@@ -202,15 +182,12 @@ def report(r: dict) -> str:
     t = r["ttft"]
     lines.append(f"{'TTFT':>6} prompt {t['prompt_len']} tokens: default {t['default_ms']:.1f} ms, "
                  f"tuned {t['tuned_ms']:.1f} ms, speedup {_f(t['speedup'], '.2f')}")
-    for p in r["greedy_parity"]:
-        drift = f"; max |Δlogit| {_f(p['max_abs_logit_diff'], '.3g')} (tol {_f(p['tolerance'], '.3g')})"
-        if p["identical"]:
-            lines.append(f"greedy prompt {p['prompt']}: identical over {w['check_tokens']} tokens"
-                         + (drift if p["max_abs_logit_diff"] is not None else ""))
-        else:
-            lines.append(f"greedy prompt {p['prompt']}: first divergence at token {p['first_divergence']} "
-                         f"(default {p['default_token']}, tuned {p['tuned_token']}): {p['verdict']}"
-                         + drift)
+    for p in r["parity"]:
+        greedy = ("greedy tokens identical" if p["greedy_identical"] else
+                  f"greedy tokens first differ at {p['first_divergence']} ({p['default_token']} vs {p['tuned_token']})")
+        lines.append(f"parity prompt {p['prompt']}: {p['verdict']}: max |Δlogit| {p['max_abs_logit_diff']:.3g} "
+                     f"(tol {p['tolerance']:.3g}, worst at step {p['worst_step']}) over {p['steps']} teacher-forced "
+                     f"decode steps; {greedy} (information only)")  # fmt: skip
     return "\n".join(lines)
 
 

@@ -1,0 +1,64 @@
+"""The tuned-vs-default parity check on the real runtime (tiny model, Triton MoE through the interpreter):
+two correct configs agree within tolerance; a deliberately wrong expert on the tuned side is caught."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_engine_config
+
+from moetune import tables
+from moetune.runtime import LLMEngine
+from moetune.runtime.model_runner import ModelRunner
+from moetune.serve import compare as cmp
+
+W = cmp.Workload(batch_sizes=[1], context_len=8, prompt_len=8, steps=1, ttft_reps=1, check_prompts=1,
+                 check_tokens=3, check_prompt_len=5)  # fmt: skip
+TUNED = dict(BLOCK_SIZE_M=16, BLOCK_SIZE_N=16, BLOCK_SIZE_K=32, GROUP_SIZE_M=1, num_warps=2, num_stages=2)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_checkpoint, tmp_path_factory):
+    """fp16 with the fused kernels and a tuned table whose config differs from the default (other tiles)."""
+    folder = tmp_path_factory.mktemp("tables")
+    tables.save_table(folder / tables.table_filename(4, 96, tables.CPU_DEVICE_NAME, "fp16"), {1: TUNED, 64: TUNED})
+    eng = LLMEngine(tiny_engine_config(tiny_checkpoint, dtype="fp16", moe_backend="triton", tuned_configs=str(folder)))
+    assert eng.moe_table_path is not None
+    yield eng
+    eng.close()
+
+
+def test_teacher_forced_decode_logits_equal_prefill_logits(engine):
+    prompt, forced = [1, 415, 2936], [9060, 285]
+    decode = engine.teacher_forced_logits(prompt, forced)
+    prefill = engine.prefill_logits(prompt + forced)[-2:]
+    assert decode.shape == (2, engine.spec.vocab_size)
+    torch.testing.assert_close(decode, prefill, atol=3e-2, rtol=1e-2)  # fp16: decode and prefill round apart
+    assert engine.scheduler.block_manager.num_free == engine.runner.num_kv_blocks
+
+
+def test_two_correct_configs_match_within_tolerance(engine):
+    r = cmp.compare(engine, W)
+    p = r["parity"][0]
+    assert p["verdict"] == "MATCH" and p["steps"] == 3 and p["max_abs_logit_diff"] <= p["tolerance"]
+    assert "MATCH" in cmp.report(r)
+
+
+def test_a_wrong_expert_on_the_tuned_side_is_caught(engine, monkeypatch):
+    moe = engine.runner.model.model.layers[0].block_sparse_moe
+    real = ModelRunner.use_tuned_tables
+    good = moe.w13.data.clone()
+
+    def swap_experts_when_tuned(self, tuned: bool) -> None:  # a "config" that reads expert 1's weights for 0
+        moe.w13.data.copy_(good)
+        if tuned:
+            moe.w13.data[0] = good[1]
+        real(self, tuned)
+
+    monkeypatch.setattr(ModelRunner, "use_tuned_tables", swap_experts_when_tuned)
+    try:
+        r = cmp.compare(engine, W)
+    finally:
+        moe.w13.data.copy_(good)
+    p = r["parity"][0]
+    assert p["verdict"] == "MISMATCH" and p["max_abs_logit_diff"] > 5 * p["tolerance"]
