@@ -38,7 +38,7 @@ from moetune.serve.compare import fixed_prompt, time_ttft_ms  # noqa: E402
 CATEGORIES = [
     ("MoE GEMMs", ("_moe_gemm", "_gemv_gate_up", "_gemv_down")),
     ("SiLU x up", ("_silu_mul",)),
-    ("routing + top-k sum / fp8 act quant", ("_route_align", "_absmax", "_quant_fp8", "sum", "reduce")),
+    ("routing + top-k sum / fp8 act quant", ("_route", "_align_place", "_quantize", "_topk_sum", "sum", "reduce")),
     ("dense linears", ("_w8a16", "gemm", "gemv", "cutlass", "nvjet", "xmma", "scaled_mm", "sm90")),
     ("paged decode attention", ("_decode_partition", "_decode_merge")),
     ("fused add+RMSNorm, RoPE+KV write", ("_add_rms_norm", "_rope_cache")),
