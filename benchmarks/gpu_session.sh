@@ -23,14 +23,29 @@ kernel)  # needs .anchor/ (vLLM's kernel, its tables, the side-by-side harness) 
   timeout 50 python3 benchmarks/gemm_parity.py --dump "$R/ttgir" 2>&1 | tee "$OUT/gemm_parity.txt"
   timeout 50 python3 benchmarks/gemv_vs_tiled.py --dtype fp8 --batch-sizes 1,4 --csv "$R/gemv_vs_tiled-fp8.csv" 2>&1 | tail -6 | tee "$OUT/gemv.txt"
   ;;
-tune)
-  moetune run --model mixtral-8x7b --dtype fp8 --time-budget 8m --output "$R/tables" --run-dir "$R/run" 2>&1 | tee "$R/run.txt"
+tune)  # the final kernel beside vLLM's, then a full fp8 table, then that table against vLLM's shipped one
+  VT=".anchor/configs/E=8,N=14336,device_name=NVIDIA_H100_80GB_HBM3,dtype=fp8_w8a8.json"
+  timeout 80 python3 .anchor/vllm_side_by_side.py --anchor .anchor --out "$OUT/sbs_final.json" 2>&1 | tail -15 | tee "$OUT/sbs_final.txt"
+  moetune run --model mixtral-8x7b --dtype fp8 --time-budget "${BUDGET:-6.5m}" --output "$R/tables" --run-dir "$R/run" 2>&1 | tail -40 | tee "$OUT/run.txt"
   table=$(ls "$R"/tables/E=8,N=14336,*fp8_w8a8.json | head -1)
-  moetune bench --model mixtral-8x7b --dtype fp8 --batch-sizes all --table "$table" --csv "$R/bench-tuned-fp8.csv" 2>&1 | tee "$R/bench-tuned-fp8.txt"
+  cp "$table" "$OUT/table.json"; cp "${table%.json}.moetune.json" "$OUT/sidecar.json"
+  timeout 110 python3 -m moetune.cli bench --model mixtral-8x7b --dtype fp8 --batch-sizes all --table "$table" --against "$VT" \
+    --csv "$R/bench-against-vllm.csv" 2>&1 | tail -25 | tee "$OUT/bench_against.txt"
   cp "$R"/run/trials.csv "$R/" 2>/dev/null
   ;;
-serve)
-  python3 -m moetune.serve --dtype fp8 --results-dir "$R" 2>&1 | tee "$R/serve.txt"
+serve)  # runtime benchmark, then default-vs-tuned proof and the HTTP server under the official client
+  timeout 200 python3 benchmarks/decode_step.py --out "$R/decode_step.json" 2>&1 | tail -40 | tee "$OUT/decode_step.txt"
+  python3 -m moetune.serve --dtype fp8 --batch-sizes 1,16,64,256 --context-len 128 --results-dir "$R" --port 8000 \
+    > "$R/serve.log" 2>&1 &
+  server=$!
+  for _ in $(seq 150); do
+    python3 -c "import httpx,sys; sys.exit(httpx.get('http://127.0.0.1:8000/health').status_code != 200)" 2>/dev/null && break
+    kill -0 $server 2>/dev/null || break; sleep 2
+  done
+  timeout 90 python3 benchmarks/load_openai.py --base-url http://127.0.0.1:8000/v1 --concurrency 64,256 --max-tokens 128 \
+    --procs 4 --engine-results "$(ls "$R"/serve_*fp8*.json | head -1)" 2>&1 | tail -12 | tee "$OUT/load.txt"
+  kill -TERM $server; wait $server; echo "server exit: $?" | tee -a "$R/serve.log"
+  tail -60 "$R/serve.log" > "$OUT/serve.txt"
   ;;
 esac
 rm -rf "$R/run/triton_cache" 2>/dev/null
