@@ -195,7 +195,9 @@ def parse_completion(body: CompletionRequest, tok: Tokenizer, vocab_size: int, m
     else:
         raise BadRequest("prompt must be a non-empty string or a non-empty list of token ids (one prompt only)",
                          param="prompt")  # fmt: skip
-    return _sampling(body, Request(prompt_ids=ids, max_tokens=16), body.max_tokens, 16, max_model_len)  # OpenAI's 16
+    # with no max_tokens the completion may fill the context (the rule; OpenAI's API says 16)
+    remaining = max_model_len - len(ids)
+    return _sampling(body, Request(prompt_ids=ids, max_tokens=0), body.max_tokens, remaining, max_model_len)
 
 
 def chat_prompt_ids(messages: list[Message], tok: Tokenizer) -> list[int]:
