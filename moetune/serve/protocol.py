@@ -172,6 +172,9 @@ def _sampling(body: _Sampling, req: Request, max_tokens: int | None, default_max
     req.ignore_eos = body.ignore_eos
     _stops(body.stop, req)
     total = len(req.prompt_ids) + req.max_tokens
+    if req.max_tokens < 1:  # only a default can be 0: an explicit max_tokens below 1 fails validation
+        raise BadRequest(f"the prompt ({len(req.prompt_ids)} tokens) fills the model's context of {max_model_len} "
+                         f"tokens and leaves none for the reply; shorten the prompt")  # fmt: skip
     if total > max_model_len:
         raise BadRequest(
             f"This model's maximum context length is {max_model_len} tokens. However, you requested {total} "
