@@ -20,6 +20,7 @@ from optuna.trial import TrialState
 from moetune.errors import MoetuneError, TableError
 from moetune.models import MoeShape
 from moetune.tables import default_config, load_sidecar, load_table, save_table
+from moetune.tuning.priors import prior_configs
 from moetune.tuning.space import Space, config_key, space_for, to_config
 from moetune.tuning.study import (
     PENALTY_US,
@@ -168,10 +169,15 @@ def test_finalists_are_retimed_so_a_lucky_screening_time_does_not_win():
     assert entry["tuned_us"] == 5.0 and entry["default_us"] == 50.0 and entry["speedup"] == 10.0
 
 
-def test_warm_starts_are_the_default_the_neighbours_and_the_existing_table():
-    a, b, old = cfg(32, 64, 64, 1, 4, 3), cfg(128, 128, 64, 16, 8, 4), cfg(64, 64, 128, 32, 4, 4)
-    starts = warm_starts(16, 8, finals={1: a, 8: a, 64: b, 256: b}, old_table={12: old, 4096: b})
-    assert starts == [("default", default_config(16, 8)), ("M=8", a), ("M=64", b), ("existing table", old)]
+def test_warm_starts_are_the_old_table_the_neighbours_best_the_priors_and_the_default():
+    a, a2, b = cfg(32, 64, 64, 1, 4, 3), cfg(32, 64, 128, 1, 4, 3), cfg(128, 128, 64, 16, 8, 4)
+    old = cfg(64, 64, 128, 32, 4, 4)
+    starts = warm_starts(16, 8, "fp8", tops={1: [b], 8: [a, a2, b], 64: [b], 256: [a]}, old_table={12: old, 4096: b})
+    priors = [("prior #1", prior_configs(16, "fp8")[0]), ("prior #2", prior_configs(16, "fp8")[1])]
+    assert starts == [("existing table", old), ("M=8", a), ("M=8 #2", a2), ("M=64", b), *priors,
+                      ("default", default_config(16, 8))]
+    # the same config from two sources is evaluated once, under its first source
+    assert [s for s, _ in warm_starts(16, 8, "bf16", {8: [old]}, {16: old})][:2] == ["existing table", "prior #1"]
 
 
 def test_each_study_starts_from_its_warm_starts(tmp_path):
@@ -179,10 +185,10 @@ def test_each_study_starts_from_its_warm_starts(tmp_path):
     old_1, old = cfg(16, 64, 128, 16, 4, 4), cfg(32, 64, 128, 32, 4, 4)
     save_table(job.path, {1: old_1, 16: old})
     tune_table(job, Settings(trials=5, **FAST), SyntheticBench)
-    first = trials_of(job, 16)[:3]
-    assert [t.user_attrs["warm_start"] for t in first] == ["default", "M=1", "existing table"]
-    finals = load_table(job.path)
-    assert [to_config(t.params) for t in first] == [default_config(16, 8), finals[1], old]
+    first = trials_of(job, 16)[:2]
+    assert [t.user_attrs["warm_start"] for t in first] == ["existing table", "M=1"]
+    finals = load_sidecar(job.path)["entries"]["1"]
+    assert to_config(first[0].params) == old and to_config(first[1].params) == finals["config"]
 
 
 # ---------------------------------------------------------------------------------------- the table
@@ -197,7 +203,7 @@ def test_a_run_writes_a_valid_table_sidecar_and_trials_file(tmp_path):
     assert sidecar["timings_meaningful"] is False and sidecar["table"] == job.path.name
     for M in (1, 64):
         e = sidecar["entries"][str(M)]
-        assert e["config"] == table[M] and e["trials"] == 6
+        assert e["vllm_config"] == table[M] and e["trials"] == 6 and not e.get("incomplete")
         assert e["speedup"] == pytest.approx(e["default_us"] / e["tuned_us"], rel=1e-3)
     df = pd.read_csv(tmp_path / "trials.csv")
     assert len(df) == 12 and set(df["M"]) == {1, 64} and set(df["state"]) == {"COMPLETE"}
@@ -207,12 +213,45 @@ def test_a_run_writes_a_valid_table_sidecar_and_trials_file(tmp_path):
 
 def test_the_time_budget_is_shared_over_the_table_and_every_M_still_gets_a_config(tmp_path):
     job = make_job(tmp_path, [1, 16, 64])
-    settings = Settings(trials=1000, patience=1000, time_budget_s=1.5, **FAST)
+    settings = Settings(trials=1000, patience=1000, time_budget_s=3, min_screen=3, **FAST)
     t0 = time.monotonic()
     result = tune_table(job, settings, functools.partial(SyntheticBench, delay_s=0.05))
-    assert time.monotonic() - t0 < 5
+    assert time.monotonic() - t0 < 3 * 1.05  # hard: finalists and writes included
     assert sorted(result.done) == [1, 16, 64]
-    assert all(3 <= len(trials_of(job, M)) < 30 for M in job.Ms)
+    assert all(3 <= len(trials_of(job, M)) < 60 for M in job.Ms)
+
+
+def test_the_budget_is_hard_even_with_slow_finalists_and_weights_large_M_more(tmp_path):
+    job = make_job(tmp_path, [1, 64, 4096])
+    settings = Settings(trials=1000, patience=1000, time_budget_s=4, screen_reps=1, final_reps=20, final_rounds=5,
+                        finalists=3, anchors=False)  # fmt: skip
+
+    class SlowFinals(SyntheticBench):  # a careful timing costs 20x a screening one
+        def time(self, config, M, reps):
+            time.sleep(0.005 * reps)
+            return synthetic_us(config, M)
+
+    t0 = time.monotonic()
+    tune_table(job, settings, SlowFinals)
+    assert time.monotonic() - t0 < 4 * 1.05
+    n = {M: len(trials_of(job, M)) for M in job.Ms}
+    assert n[4096] > n[1]  # M=4096 has the biggest share: 9x the weight of M=1
+
+
+def test_an_M_the_budget_cut_short_is_incomplete_keeps_a_config_and_resume_continues_it(tmp_path):
+    job = make_job(tmp_path, [1, 16, 64, 256])
+    settings = Settings(trials=30, patience=1000, time_budget_s=1.2, min_screen=30, anchors=False, **FAST)
+    result = tune_table(job, settings, functools.partial(SyntheticBench, delay_s=0.1))
+    sidecar, table = load_sidecar(job.path), load_table(job.path)
+    assert sorted(table) == job.Ms and result.incomplete == job.Ms and not result.done
+    assert all(sidecar["entries"][str(M)]["incomplete"] for M in job.Ms)
+    before = len(trials_of(job, 64))
+
+    job.resume = True
+    result = tune_table(job, Settings(trials=30, patience=1000, anchors=False, **FAST), SyntheticBench)
+    assert sorted(result.done) == job.Ms and not result.resumed and not result.incomplete
+    assert not any(e.get("incomplete") for e in load_sidecar(job.path)["entries"].values())
+    assert len([t for t in trials_of(job, 64) if t.state == TrialState.COMPLETE]) >= 30 > before
 
 
 def test_a_second_run_on_the_same_storage_needs_resume(tmp_path):
@@ -233,7 +272,7 @@ def test_ctrl_c_keeps_finished_M_in_a_valid_table_and_loses_only_the_trial_in_fl
             return synthetic_us(config, M)
 
     job = make_job(tmp_path, [1, 64, 256])
-    result = tune_table(job, Settings(trials=4, **FAST), InterruptedBench)
+    result = tune_table(job, Settings(trials=4, anchors=False, **FAST), InterruptedBench)
     assert result.interrupted and sorted(result.done) == [1]
     assert sorted(load_table(job.path)) == [1] and sorted(load_sidecar(job.path)["entries"]) == ["1"]
     states = [t.state for t in trials_of(job, 64)]
@@ -251,7 +290,7 @@ CHILD = textwrap.dedent("""
     from moetune.tuning.study import Settings
     from moetune.tuning.tuner import tune_table
     job = make_job(Path({tmp!r}), [1, 2, 4, 8, 16])
-    tune_table(job, Settings(trials=6, patience=100, **FAST), functools.partial(SyntheticBench, delay_s=0.1, log_path={log!r}))
+    tune_table(job, Settings(trials=6, patience=100, anchors=False, **FAST), functools.partial(SyntheticBench, delay_s=0.1, log_path={log!r}))
 """)
 
 
@@ -279,7 +318,7 @@ def test_resume_after_sigkill_redoes_no_finished_M(tmp_path):
 
     relog = tmp_path / "resume.log"
     bench = functools.partial(SyntheticBench, log_path=str(relog))
-    result = tune_table(job, Settings(trials=6, patience=100, **FAST), bench)
+    result = tune_table(job, Settings(trials=6, patience=100, anchors=False, **FAST), bench)
     assert sorted(result.resumed) == finished and sorted(result.done) == job.Ms
     redone = {int(line.split()[0]) for line in relog.read_text().splitlines()}
     assert not redone & set(finished)
@@ -303,7 +342,8 @@ def test_two_worker_processes_share_one_study_without_duplicating_work(tmp_path)
     assert len({t.user_attrs["owner"]["pid"] for t in trials}) == 2
     screened = [line.split()[1:-1] for line in log.read_text().splitlines() if line.endswith(" 1")]
     assert len(screened) == len(set(map(tuple, screened)))  # no config timed twice in screening
-    assert [t.number for t in trials if t.user_attrs.get("warm_start")] == [0]
+    starts = [t.number for t in trials if t.user_attrs.get("warm_start")]
+    assert starts == list(range(len(starts)))  # each warm start taken once, by one of the two
 
 
 def test_a_trial_whose_process_died_is_retried_once_then_recorded_infeasible():
