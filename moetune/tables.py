@@ -29,8 +29,12 @@ log = logging.getLogger("moetune")
 KNOBS = tuple(VLLM_KNOBS)  # the six knobs a vLLM-format table holds
 # The token counts vLLM's tuner covers; ours covers the same so tables line up key for key.
 TOKEN_COUNTS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 256, 512, 1024, 1536, 2048, 3072, 4096)
+# The interpreter runs a tiny layer in about a second: CPU runs and benches default to these few M.
+CPU_TOKEN_COUNTS = (1, 16, 64)
 SIDECAR_SUFFIX = ".moetune.json"
 CPU_DEVICE_NAME = "CPU_triton_interpreter"
+# Where interpreter tables go by default: a run folder, never the repo's tuned_configs/ (which ships).
+CPU_TABLES_DIR = Path("runs") / "tuned_configs"
 # A token-count key: no sign, no leading zero, at most 7 digits (the schemas say the same; M above
 # 9,999,999 tokens in one step is not a batch any engine runs, and int() of a huge key is a typo).
 M_KEY_RE = re.compile(r"[1-9][0-9]{0,6}")

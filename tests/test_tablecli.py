@@ -37,7 +37,8 @@ def test_show_prints_each_M_with_its_config_timings_and_speedup(tmp_path, capsys
     out = capsys.readouterr().out
     assert "mixtral-8x7b tp=1 E=8 N=14336 K=4096 top_k=2 fp8 on NVIDIA_H100_80GB_HBM3" in out
     row = next(line for line in out.splitlines() if line.split()[:1] == ["64"])
-    assert row.split() == ["64", "64", "128", "128", "16", "8", "3", "50.0", "80.0", "1.60x", "100", "2.0e-02"]
+    assert row.split() == ["64", "64", "128", "128", "16", "8", "3", "50.0", "=", "50.0", "80.0", "1.60x", "100",
+                           "2.0e-02", "tuned"]
     assert "meaningless" not in out
 
 

@@ -72,6 +72,7 @@ class KernelBench:
         from moetune.kernels.fused_moe import fused_moe, quantize_fp8_per_expert
 
         self._fused_moe = fused_moe
+        seed %= 2**32  # any --seed: torch generators want 0 <= seed < 2**64, and seed * 1_000_003 + M must fit
         self.shape, self.dtype, self.seed = shape, dtype, seed
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if self.device.type == "cuda":

@@ -14,6 +14,7 @@ structure, so the result is never slower than the prior when both are re-timed t
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import socket
@@ -69,7 +70,33 @@ class Settings:
 # ------------------------------------------------------------------------------------------- storage
 
 
-def open_storage(spec: str) -> BaseStorage:
+def repair_journal(path: Path) -> str | None:
+    """Cut a torn last line (a kill mid-write) off a journal, keeping its bytes in <journal>.torn; the
+    message says what was done, None when the journal was whole. Optuna skips a torn last line on
+    read, but its next record would be appended to the torn one and break every later load."""
+    if not path.is_file():
+        return None
+    data = path.read_bytes()
+    if not data:
+        return None
+    if data.endswith(b"\n"):  # whole lines: torn only if the last one is not a record
+        cut = data.rfind(b"\n", 0, len(data) - 1) + 1
+        try:
+            json.loads(data[cut:])
+            return None
+        except ValueError:
+            pass
+    else:  # no newline: the last write did not finish, whatever its bytes parse as
+        cut = data.rfind(b"\n") + 1
+    torn = path.with_name(path.name + ".torn")
+    with open(torn, "ab") as f:
+        f.write(data[cut:])
+    with open(path, "r+b") as f:
+        f.truncate(cut)
+    return f"{path}: its last line was torn (a kill mid-write?); moved its {len(data) - cut} bytes to {torn}"
+
+
+def open_storage(spec: str, on_repair: Callable[[str], None] | None = None) -> BaseStorage:
     """A journal file (the default: survives SIGKILL, no server) or any Optuna RDB URL."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial would drown the bar
     if "://" in spec:
@@ -82,6 +109,9 @@ def open_storage(spec: str) -> BaseStorage:
         except Exception as e:
             raise MoetuneError(f"cannot open --storage {spec}: {describe(e)}") from None
     Path(spec).parent.mkdir(parents=True, exist_ok=True)
+    message = repair_journal(Path(spec)) if on_repair else None
+    if message and on_repair:
+        on_repair(message)
     return JournalStorage(JournalFileBackend(spec))
 
 
