@@ -26,6 +26,7 @@ from moetune.tuning.study import (
     PENALTY_US,
     Settings,
     finalize,
+    make_pruner,
     make_sampler,
     open_storage,
     plateaued,
@@ -401,3 +402,110 @@ def test_compile_pool_reports_errors_and_hangs_without_stopping():
         assert pool.compile([good], M=16) == [None]  # a fresh pool replaced the hung one
     finally:
         pool.close()
+
+
+# ------------------------------------------------------------------------------------- tuner v2
+
+
+def test_extra_knobs_come_from_knobs_py_so_a_new_one_is_searched_with_no_other_change(monkeypatch):
+    from moetune.kernels import knobs
+
+    monkeypatch.setitem(knobs.EXTRA_KNOBS, "split_k", ((1, 2, 4), 1))
+    space = space_for(64, SHAPE)
+    dists = space.distributions()
+    assert (dists["split_k_idx"].low, dists["split_k_idx"].high) == (0, 2)  # ordered, as an index
+    assert "kernel" not in dists  # gemv is for M <= 8 only
+    config = {**cfg(64, 128, 128, 16, 4, 3), "split_k": 4, "fuse_silu": 1}
+    assert to_config(space.params(config)) == config
+    assert to_config(space.params(cfg(64, 128, 128, 16, 4, 3))) == cfg(64, 128, 128, 16, 4, 3)  # defaults dropped
+    assert set(space_for(1, SHAPE).distributions()["kernel"].choices) == {"tiled", "gemv"}
+    knobs.check_config(to_config(space.params(config)), "test")
+
+
+def test_ours_may_use_extra_knobs_but_the_table_gets_the_best_config_with_vllms_structure():
+    study = memory_study()
+    space = space_for(1, SHAPE)
+    tiled, gemv = cfg(64, 64, 128, 16, 4, 3), {**cfg(64, 64, 128, 16, 4, 3), "kernel": "gemv"}
+    for c in (gemv, tiled):
+        study.enqueue_trial(space.params(c))
+    settings = Settings(trials=2, **FAST)
+    screen(study, SyntheticBench(), 1, space, settings)
+    entry = finalize(study, SyntheticBench(), 1, default_config(1, SHAPE.E), settings)
+    assert entry["config"] == gemv and entry["vllm_config"] == tiled  # synthetic gemv is 15% faster at M=1
+    assert entry["tuned_us"] < entry["vllm_us"]
+
+
+def test_the_best_prior_is_always_re_timed_with_the_finalists_so_the_result_is_never_slower():
+    prior, lucky = cfg(64, 128, 128, 16, 4, 3), cfg(64, 128, 128, 32, 4, 3)
+
+    class Bench(SyntheticBench):
+        def time(self, config, M, reps):
+            careful = reps > 1
+            if config == prior:
+                return 6.0 if careful else 10.0
+            if config == lucky:
+                return 8.0 if careful else 5.0  # looked best in screening, is not
+            return 50.0
+
+    study = memory_study()
+    space = space_for(64, SHAPE)
+    study.enqueue_trial(space.params(lucky))
+    study.enqueue_trial(space.params(prior), user_attrs={"warm_start": "prior #1"})
+    settings = Settings(trials=2, screen_reps=1, final_reps=5, final_rounds=1, finalists=1)
+    screen(study, Bench(), 64, space, settings)
+    entry = finalize(study, Bench(), 64, default_config(64, SHAPE.E), settings)
+    assert entry["config"] == prior and entry["tuned_us"] == entry["prior_us"] == 6.0
+
+
+def test_careful_re_timing_goes_to_the_best_third_through_optunas_pruner():
+    study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=0), pruner=make_pruner(Settings(careful_reps=40)))
+    space = space_for(64, SHAPE)
+    reps = []
+    bench = SyntheticBench(noise=0.2)
+    timed = bench.time
+    bench.time = lambda c, M, r: reps.append(r) or timed(c, M, r)
+    screen(study, bench, 64, space, Settings(trials=30, patience=100, careful_reps=40, **FAST))
+    pruned = [t for t in study.trials if t.state == TrialState.PRUNED]
+    promoted = [t for t in study.trials if t.state == TrialState.COMPLETE and "screen_us" in t.user_attrs]
+    assert pruned and promoted and reps.count(40) == len(promoted) < len(pruned)
+    entry = finalize(study, SyntheticBench(), 64, default_config(64, SHAPE.E), Settings(**FAST))
+    assert entry is not None and entry["trials"] == 30
+
+
+def test_the_register_pre_filter_drops_tiles_that_must_spill_and_keeps_hoppers_winners():
+    from moetune.tuning.space import predict_infeasible
+
+    assert "spill" in predict_infeasible(cfg(256, 256, 64, 1, 4, 3), 1, 232448)
+    assert predict_infeasible(cfg(128, 256, 128, 16, 8, 3), 1, 232448) is None
+    assert predict_infeasible(cfg(256, 256, 64, 1, 4, 3), 1, None) is None  # the interpreter has no such limit
+
+
+def test_a_torn_last_journal_line_is_named_cut_off_and_resume_works(tmp_path, capsys):
+    job = make_job(tmp_path, [1])
+    tune_table(job, Settings(trials=3, **FAST), SyntheticBench)
+    journal = Path(job.storage)
+    whole = journal.read_bytes()
+    with journal.open("ab") as f:
+        f.write(b'{"op_code": 6, "worker_id": "ab')  # a kill mid-write
+    result = tune_table(make_job(tmp_path, [1, 16], resume=True), Settings(trials=3, **FAST), SyntheticBench)
+    assert result.resumed == [1] and sorted(result.done) == [1, 16]
+    err = capsys.readouterr().err
+    assert f"{journal}: its last line was torn" in err and "moved its 31 bytes" in err
+    assert journal.read_bytes().startswith(whole)
+    assert (tmp_path / "journal.log.torn").read_bytes() == b'{"op_code": 6, "worker_id": "ab'
+    again = tune_table(make_job(tmp_path, [1, 16], resume=True), Settings(trials=3, **FAST), SyntheticBench)
+    assert sorted(again.resumed) == [1, 16]
+
+
+def test_an_rdb_storage_lets_several_workers_share_a_run(tmp_path):
+    """SQLite stands in for the database several hosts would share (Optuna's RDBStorage)."""
+    url = f"sqlite:///{tmp_path / 'studies.db'}"
+    job = make_job(tmp_path, [64])
+    job.storage = url
+    settings = Settings(trials=10, patience=100, screen_reps=1, final_reps=2, final_rounds=1, finalists=2)
+    result = tune_table(job, settings, functools.partial(SyntheticBench, delay_s=0.4), workers=2)
+    assert sorted(result.done) == [64]
+    trials = trials_of(job, 64)
+    assert len({t.user_attrs["owner"]["pid"] for t in trials}) == 2 and 10 <= len(trials) <= 11
+    job.resume, job.Ms = True, [64, 256]  # another host joining later (--resume) finds M=64 done
+    assert tune_table(job, Settings(trials=3, **FAST), SyntheticBench).resumed == [64]

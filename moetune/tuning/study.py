@@ -143,7 +143,7 @@ def budget(settings: Settings, space: Space) -> int:
 
 
 def make_pruner(settings: Settings) -> optuna.pruners.BasePruner:
-    """Rung 0 is the cheap timing; the best third go on to the careful one."""
+    """Step 1 is the cheap timing (Optuna's rung 0); the best third go on to the careful one."""
     if settings.careful_reps is None or settings.sampler == "grid":
         return optuna.pruners.NopPruner()
     return optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3, min_early_stopping_rate=0)
@@ -300,7 +300,7 @@ def _screen_batch(study: optuna.Study, bench: Bench, M: int, trials: list[Trial]
             a = done.user_attrs
             state = TrialState.PRUNED if done.state == TrialState.PRUNED else TrialState.COMPLETE
             if state == TrialState.PRUNED:
-                trial.report(a["us"], 0)
+                trial.report(a["us"], 1)
             _tell(study, trial, config, a.get("us"), a.get("infeasible"), a.get("rel_err"), state,
                   repeat_of=done.number)
         elif reason is not None:
@@ -310,7 +310,7 @@ def _screen_batch(study: optuna.Study, bench: Bench, M: int, trials: list[Trial]
                 us, reason, rel = _evaluate(bench, config, M, settings.screen_reps)
                 if reason is None and settings.careful_reps and settings.sampler != "grid":
                     trial.set_user_attr("screen_us", us)
-                    trial.report(us, 0)
+                    trial.report(us, 1)
                     if trial.should_prune():
                         _tell(study, trial, config, us, None, rel, TrialState.PRUNED)
                         continue

@@ -22,6 +22,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import queue
 import shutil
+import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -307,7 +308,7 @@ def tune_table(job: TableJob, settings: Settings, factory: BenchFactory, *, work
     end = None
     if settings.time_budget_s is not None:
         end = t0 + settings.time_budget_s - min(WRITE_RESERVE_S, 0.02 * settings.time_budget_s)
-    storage = open_storage(job.storage, on_repair=lambda message: tqdm.write(f"warning: {message}"))
+    storage = open_storage(job.storage, on_repair=lambda message: tqdm.write(f"warning: {message}", file=sys.stderr))
     _check_fresh(storage, job)
     old_table = load_table(job.path) if job.path.exists() else {}
     old_sidecar = load_sidecar(job.path) if job.path.exists() else None
