@@ -25,6 +25,7 @@ from moetune.tuning.space import Space, config_key, space_for, to_config
 from moetune.tuning.study import (
     PENALTY_US,
     Settings,
+    drop_stale_journal_lock,
     finalize,
     make_pruner,
     make_sampler,
@@ -312,6 +313,7 @@ def test_resume_after_sigkill_redoes_no_finished_M(tmp_path):
     finally:
         child.send_signal(signal.SIGKILL)
         child.wait()
+    drop_stale_journal_lock(Path(job.storage))  # as `moetune run` does, holding the run folder's lock
     finished = sorted(load_table(job.path))
     before = {M: len(trials_of(job, M)) for M in finished}
     killed_M = min(set(job.Ms) - set(finished))
@@ -320,7 +322,7 @@ def test_resume_after_sigkill_redoes_no_finished_M(tmp_path):
     relog = tmp_path / "resume.log"
     bench = functools.partial(SyntheticBench, log_path=str(relog))
     result = tune_table(job, Settings(trials=6, patience=100, anchors=False, **FAST), bench)
-    assert sorted(result.resumed) == finished and sorted(result.done) == job.Ms
+    assert sorted(result.resumed) == finished and sorted(result.done) == job.Ms, (result.failed, result.incomplete)
     redone = {int(line.split()[0]) for line in relog.read_text().splitlines()}
     assert not redone & set(finished)
     assert {M: len(trials_of(job, M)) for M in finished} == before
@@ -509,3 +511,12 @@ def test_an_rdb_storage_lets_several_workers_share_a_run(tmp_path):
     assert len({t.user_attrs["owner"]["pid"] for t in trials}) == 2 and 10 <= len(trials) <= 11
     job.resume, job.Ms = True, [64, 256]  # another host joining later (--resume) finds M=64 done
     assert tune_table(job, Settings(trials=3, **FAST), SyntheticBench).resumed == [64]
+
+
+def test_a_trial_killed_before_it_was_claimed_is_recovered_when_no_one_else_can_run_it():
+    study = memory_study()
+    study.ask(space_for(64, SHAPE).distributions())  # asked, never claimed: the process died in between
+    recover_stale(study)  # a shared database: another host may be about to claim it
+    assert study.trials[0].state == TrialState.RUNNING
+    recover_stale(study, exclusive=True)  # a journal file: this coordinator is the only one
+    assert study.trials[0].state == TrialState.FAIL and study.trials[1].user_attrs["retry_of"] == 0

@@ -25,7 +25,7 @@ from moetune.tables import (
     table_filename,
 )
 from moetune.tuning.bench import KernelBench, bytes_per_elem
-from moetune.tuning.study import Settings
+from moetune.tuning.study import Settings, drop_stale_journal_lock
 from moetune.tuning.tuner import TableJob, TableResult, tune_table
 
 CPU_TRIALS = 6  # with CPU_TOKEN_COUNTS, keeps `moetune run --model tiny` short
@@ -222,6 +222,10 @@ def run_main(args: argparse.Namespace) -> int:
             "(sidecar timings_meaningful=false); it proves the pipeline, not speed"
         )
     with run_dir_lock(run_dir):
+        if "://" not in storage and Path(storage).resolve().parent == run_dir.resolve():
+            note = drop_stale_journal_lock(Path(storage))  # the run folder's lock says no one else uses it
+            if note:
+                print(f"  note: {note}")
         result = tune_table(job, settings, factory, workers=args.gpus, trials_csv=run_dir / "trials.csv")
     _print_summary(job, result, run_dir, storage)
     if result.interrupted:

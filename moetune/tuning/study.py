@@ -96,6 +96,16 @@ def repair_journal(path: Path) -> str | None:
     return f"{path}: its last line was torn (a kill mid-write?); moved its {len(data) - cut} bytes to {torn}"
 
 
+def drop_stale_journal_lock(path: Path) -> str | None:
+    """Remove the lock file a killed process left on a journal (Optuna would wait 30 s, then break it).
+    Only for a caller that knows no live process uses the journal: the CLI, holding its run folder's lock."""
+    lock = path.with_name(path.name + ".lock")
+    if not (lock.exists() or lock.is_symlink()):
+        return None
+    lock.unlink(missing_ok=True)
+    return f"{lock}: removed the journal lock a killed run left behind"
+
+
 def open_storage(spec: str, on_repair: Callable[[str], None] | None = None) -> BaseStorage:
     """A journal file (the default: survives SIGKILL, no server) or any Optuna RDB URL."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial would drown the bar
@@ -327,11 +337,14 @@ def _screen_batch(study: optuna.Study, bench: Bench, M: int, trials: list[Trial]
 # ------------------------------------------------------------------------------------------- per M
 
 
-def recover_stale(study: optuna.Study) -> None:
+def recover_stale(study: optuna.Study, exclusive: bool = False) -> None:
     """Trials left RUNNING by a killed process: fail them and run their config again once. A config
-    whose process died twice is recorded as infeasible, so a crashing config cannot stall a run."""
+    whose process died twice is recorded as infeasible, so a crashing config cannot stall a run.
+    `exclusive`: no other live process works on this study now (a journal file: one coordinator per
+    run folder, its workers idle between M), so a trial killed before it was claimed is dead too."""
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if not _owner_dead(t):
+        unclaimed = exclusive and "owner" not in t.user_attrs
+        if not (unclaimed or _owner_dead(t)):
             continue
         study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
         if len(t.params) != len(t.distributions) or not t.params:

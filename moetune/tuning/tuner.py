@@ -400,7 +400,7 @@ def _tune_m(job: TableJob, settings: Settings, storage: BaseStorage, bench: Benc
         for key, value in dict(M=M, table=job.path.name, model=job.model, dtype=job.dtype, device=job.device,
                                unit="µs (median, whole layer)", penalty_us=PENALTY_US).items():  # fmt: skip
             study.set_user_attr(key, value)
-    recover_stale(study)
+    recover_stale(study, exclusive="://" not in job.storage)
     starts = warm_starts(M, job.shape.E, job.dtype, tops, old_table, settings.neighbour_top)
     if settings.sampler != "grid":  # the grid holds them anyway; enqueued extras would eat its budget
         for source, config in starts:
