@@ -402,6 +402,9 @@ def test_compile_pool_reports_errors_and_hangs_without_stopping():
         assert reasons[1].startswith("RuntimeError: out of resource: shared memory")
         assert "did not finish within 3 s" in reasons[2]
         assert pool.compile([good], M=16) == [None]  # a fresh pool replaced the hung one
+        t0 = time.monotonic()
+        assert "did not finish within 1 s" in pool.compile([hung], M=16, timeout_s=1.0)[0]  # a budget's deadline
+        assert time.monotonic() - t0 < 2.5
     finally:
         pool.close()
 

@@ -299,7 +299,8 @@ def _screen_batch(study: optuna.Study, bench: Bench, M: int, trials: list[Trial]
     twins = [_twin(study, t) for t in trials]
     reasons = [predict_infeasible(c, settings.bytes_per_elem, settings.smem_limit) for c in configs]
     fresh = [i for i in range(len(trials)) if twins[i] is None and reasons[i] is None]
-    for i, reason in zip(fresh, bench.compile([configs[i] for i in fresh], M)):
+    timeout_s = None if deadline is None else max(0.0, deadline - time.time())
+    for i, reason in zip(fresh, bench.compile([configs[i] for i in fresh], M, timeout_s)):
         reasons[i] = reason
     for trial, config, twin, reason in zip(trials, configs, twins, reasons):
         if deadline is not None and time.time() >= deadline:  # the budget is hard: the rest wait for --resume

@@ -55,7 +55,7 @@ class SyntheticBench:
         self._rng = random.Random(seed)
         self._log = Path(log_path) if log_path else None
 
-    def compile(self, configs: Sequence[Config], M: int) -> list[str | None]:
+    def compile(self, configs: Sequence[Config], M: int, timeout_s: float | None = None) -> list[str | None]:
         return [
             "synthetic compile error: too many registers"
             if c["num_warps"] == 8 and c["BLOCK_SIZE_N"] == 256 and c["BLOCK_SIZE_K"] == 256
