@@ -209,7 +209,8 @@ def test_a_run_writes_a_valid_table_sidecar_and_trials_file(tmp_path):
         assert e["speedup"] == pytest.approx(e["default_us"] / e["tuned_us"], rel=1e-3)
     df = pd.read_csv(tmp_path / "trials.csv")
     assert len(df) == 12 and set(df["M"]) == {1, 64} and set(df["state"]) == {"COMPLETE"}
-    assert {"BLOCK_SIZE_M", "num_stages", "us", "infeasible"} <= set(df.columns)
+    assert {"BLOCK_SIZE_M", "num_stages", "kernel", "fuse_silu", "us", "infeasible"} <= set(df.columns)
+    assert df["BLOCK_SIZE_M"].notna().all() and set(df["kernel"]) <= {"tiled", "gemv"}
     assert not list(job.path.parent.glob(".*.tmp"))  # atomic writes leave no temporaries
 
 
@@ -523,3 +524,14 @@ def test_a_trial_killed_before_it_was_claimed_is_recovered_when_no_one_else_can_
     assert study.trials[0].state == TrialState.RUNNING
     recover_stale(study, exclusive=True)  # a journal file: this coordinator is the only one
     assert study.trials[0].state == TrialState.FAIL and study.trials[1].user_attrs["retry_of"] == 0
+
+
+def test_a_study_starts_from_the_table_shipped_or_found_for_this_gpu_when_none_is_being_rewritten(tmp_path, monkeypatch):
+    shipped = tmp_path / "shipped"
+    job = make_job(tmp_path, [16])
+    old = cfg(32, 64, 128, 32, 4, 4)
+    save_table(shipped / job.path.name, {16: old})
+    monkeypatch.setenv("MOETUNE_TUNED_CONFIGS", str(shipped))
+    tune_table(job, Settings(trials=3, **FAST), SyntheticBench)
+    first = trials_of(job, 16)[0]
+    assert first.user_attrs["warm_start"] == "existing table" and to_config(first.params) == old

@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 import moetune
 from moetune.errors import MoetuneError
+from moetune.kernels.knobs import EXTRA_KNOBS
 from moetune.models import MoeShape
 from moetune.tables import (
     KNOBS,
@@ -243,7 +244,8 @@ def _sidecar(job: TableJob, entries: Mapping[int, dict], meaningful: bool, setti
     }
 
 
-TRIAL_COLUMNS = ["M", "trial", "state", *KNOBS, "us", "infeasible", "rel_err", "repeat_of", "warm_start", "duration_s"]
+TRIAL_COLUMNS = ["M", "trial", "state", *KNOBS, *EXTRA_KNOBS, "us", "screen_us", "infeasible", "rel_err", "repeat_of",
+                 "warm_start", "duration_s"]  # fmt: skip
 
 
 def write_trials_csv(storage: BaseStorage, job: TableJob, path: Path) -> pd.DataFrame:
@@ -254,11 +256,14 @@ def write_trials_csv(storage: BaseStorage, job: TableJob, path: Path) -> pd.Data
         if job.study_name(M) not in names:
             continue
         for t in optuna.load_study(study_name=job.study_name(M), storage=storage).get_trials(deepcopy=False):
-            config = to_config(t.params) if len(t.params) == len(KNOBS) else {}
+            complete = t.params and len(t.params) == len(t.distributions)  # a trial killed mid-ask has fewer
+            config = to_config(t.params) if complete else {}
             a = t.user_attrs
             rows.append({
                 "M": M, "trial": t.number, "state": t.state.name, **{k: config.get(k) for k in KNOBS},
-                "us": a.get("us"), "infeasible": a.get("infeasible"), "rel_err": a.get("rel_err"),
+                **{k: config.get(k, d) if config else None for k, (_, d) in EXTRA_KNOBS.items()},
+                "us": a.get("us"), "screen_us": a.get("screen_us"), "infeasible": a.get("infeasible"),
+                "rel_err": a.get("rel_err"),
                 "repeat_of": a.get("repeat_of"), "warm_start": a.get("warm_start"),
                 "duration_s": t.duration.total_seconds() if t.duration else None,
             })  # fmt: skip
