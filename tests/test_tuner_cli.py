@@ -154,9 +154,11 @@ def test_a_gpu_run_defaults_to_a_ten_minute_budget_and_any_seed_is_accepted():
     from moetune.tuning.space import space_for
     from moetune.tuning.study import make_sampler
 
-    ns = argparse.Namespace(trials=None, sampler="tpe", seed=10**40, patience=40, finalists=4)
+    ns = argparse.Namespace(trials=None, sampler="tpe", seed=10**40, patience=40, finalists=4, gpus=1)
     settings = cli._settings(ns, True, "fp8", None, 12, 232448)
     assert settings.time_budget_s == cli.GPU_TIME_BUDGET_S <= 600 and settings.seed == 10**40
+    two = cli._settings(argparse.Namespace(**{**vars(ns), "gpus": 2}), True, "fp8", None, 12, 232448)
+    assert two.time_budget_s == cli.GPU_TIME_BUDGET_S / 2  # the same trials on twice the GPUs
     assert cli._settings(argparse.Namespace(**{**vars(ns), "sampler": "grid"}), True, "fp8", None, 12, 0).time_budget_s is None
     space = space_for(16, MoeShape(8, 14336, 4096, 2))
     for seed in (10**40, -5, 4295):  # each once crashed numpy: Seed must be between 0 and 2**32 - 1
