@@ -395,7 +395,7 @@ def _is_prior(t: FrozenTrial) -> bool:
 
 def finalists(study: optuna.Study, default: Config, n: int) -> tuple[dict[tuple, Config], int]:
     """The configs re-timed together, and how many of them come first as essential: the best
-    screened, the best known-good prior, the best with vLLM's structure (the table needs one), the
+    screened, the two best known-good priors, the best with vLLM's structure (the table needs one), the
     vLLM-structure twin of the best (its six knobs, extras at their defaults: when the search settles
     on an extra knob, the unfused configs it screened are few and poor, and the same tiles are the
     likeliest best for vLLM's kernel) and vLLM's default; then the rest of the best n screened."""
@@ -403,7 +403,7 @@ def finalists(study: optuna.Study, default: Config, n: int) -> tuple[dict[tuple,
     configs = [canonical(t.user_attrs["config"]) for t in ranked]
     priors = [canonical(t.user_attrs["config"]) for t in ranked if _is_prior(t)]
     vllm = [c for c in configs if is_vllm_structure(c)][:1] + [six_knobs(c) for c in configs[:1]]
-    essential = [*configs[:1], *priors[:1], *vllm, canonical(default)]
+    essential = [*configs[:1], *priors[:2], *vllm, canonical(default)]  # two priors: screening may misrank them
     candidates: dict[tuple, Config] = {}
     for c in essential:
         candidates.setdefault(config_key(c), c)
