@@ -535,3 +535,12 @@ def test_a_study_starts_from_the_table_shipped_or_found_for_this_gpu_when_none_i
     tune_table(job, Settings(trials=3, **FAST), SyntheticBench)
     first = trials_of(job, 16)[0]
     assert first.user_attrs["warm_start"] == "existing table" and to_config(first.params) == old
+
+
+def test_an_m_the_budget_never_reached_gets_its_first_start_moved_into_its_space():
+    from moetune.tuning.study import fallback_entry
+
+    gemv = {**cfg(32, 128, 64, 1, 4, 3), "kernel": "gemv"}  # M=1's winner; gemv is not searched at M=16
+    entry = fallback_entry([("M=1", gemv), ("prior #1", cfg(64, 128, 128, 1, 4, 4))], space_for(16, SHAPE), "late")
+    assert entry["config"] == entry["vllm_config"] == cfg(32, 128, 64, 1, 4, 3)
+    assert entry["incomplete"] and entry["tuned_us"] is None and "config from M=1" in entry["note"]

@@ -465,9 +465,9 @@ def finalize(study: optuna.Study, bench: Bench, M: int, default: Config, setting
 
 def fallback_entry(starts: list[tuple[str, Config]], space: Space, note: str) -> dict:
     """An M the budget left unscreened: the first known-good start (old table, neighbour, prior), untimed."""
-    source, config = starts[0]
-    config = to_config(space.params(config))
-    vllm = next(to_config(space.params(c)) for _, c in starts if is_vllm_structure(c))
+    placed = [(source, to_config(space.params(c))) for source, c in starts]  # e.g. no gemv above M=8
+    source, config = placed[0]
+    vllm = next(c for _, c in placed if is_vllm_structure(c))
     return {"config": config, "vllm_config": six_knobs(vllm), "tuned_us": None, "default_us": None,
             "speedup": None, "trials": 0, "incomplete": True, "note": f"{note}; config from {source}"}  # fmt: skip
 
