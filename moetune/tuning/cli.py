@@ -49,7 +49,8 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                    f"{CPU_TABLES_DIR} for CPU-interpreter tables)")  # fmt: skip
     p.add_argument("--run-dir", help="folder for the journal, trials.csv and Triton cache (default: runs/<table>)")
     p.add_argument("--storage", help="Optuna storage: a journal file (default <run-dir>/journal.log) or an RDB URL")
-    p.add_argument("--gpus", type=int, default=1, metavar="N", help="how many GPUs (a count: GPUs 0..N-1), one worker each, "
+    p.add_argument("--gpus", type=int, default=1, metavar="N",
+                   help="how many GPUs (a count: GPUs 0..N-1), one worker each, "
                    "sharing each study; other hosts join a run through an RDB --storage with --resume")  # fmt: skip
     p.add_argument("--resume", action="store_true", help="continue the run recorded in --storage: M not done, "
                    "M marked incomplete by the time budget; or join a run another host keeps in an RDB")  # fmt: skip
