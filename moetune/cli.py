@@ -8,9 +8,15 @@ import argparse
 import importlib
 import logging
 import sys
+from typing import NoReturn
 
 from moetune.device import use_interpreter_if_no_gpu
 from moetune.errors import MoetuneError
+
+DESCRIPTION = (
+    "Tune the Triton fused-MoE kernel for the GPU you have and write config tables vLLM and SGLang load "
+    "unchanged. With no GPU, --model tiny runs every command on the CPU through Triton's interpreter."
+)
 
 SUBCOMMANDS = {
     "run": ("moetune.tuning.cli", "tune the fused-MoE kernel with Optuna and write vLLM-format tables"),
@@ -20,8 +26,15 @@ SUBCOMMANDS = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's errors as the rest of moetune's: one line naming the flag and value, exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}; see `{self.prog} --help`\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="moetune", description=__doc__.split("\n")[0])
+    parser = _Parser(prog="moetune", description=DESCRIPTION)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module, help_text) in SUBCOMMANDS.items():
@@ -32,7 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     use_interpreter_if_no_gpu()  # before build_parser imports the subcommands, and with them the kernels
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help (0) or a bad value (2, its one line already printed): a return code
+        return int(e.code or 0)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
     module = importlib.import_module(SUBCOMMANDS[args.command][0])
     try:

@@ -81,6 +81,11 @@ DTYPES: dict[str, tuple[torch.dtype, torch.dtype, str | None]] = {
 }
 
 
+# What `moetune run`, `moetune bench` (and, to follow, serve) use when --dtype is not given: one
+# default, so a bench finds the table a run just made. fp8 w8a8 is what Hopper deployments serve.
+DEFAULT_DTYPE = "fp8"
+
+
 def check_dtype(name: str) -> str:
     if name not in DTYPES:
         raise MoetuneError(f"unknown dtype {name!r}; choose one of: {', '.join(DTYPES)}")

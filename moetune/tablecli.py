@@ -12,6 +12,7 @@ import pandas as pd
 from moetune.errors import MoetuneError, TableError
 from moetune.models import DTYPES, PRESETS, MoeShape
 from moetune.tables import (
+    CPU_DEVICE_NAME,
     KNOBS,
     SIDECAR_SUFFIX,
     ConfigTable,
@@ -51,19 +52,32 @@ def _num(value: float | None, fmt: str) -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, fmt)
 
 
+def _ours(config: dict, table_config: dict) -> str:
+    """Our config at M, as short as it can be: '=' when it is the table's, else its knobs."""
+    if config == table_config:
+        return "="
+    six = "/".join(str(config[k]) for k in KNOBS)
+    return ",".join([six, *(f"{k}={v}" for k, v in config.items() if k not in KNOBS)])
+
+
 def format_table(path: Path) -> str:
-    """The table as text: one row per M with its knobs and, from the sidecar, µs, speedup, trials."""
+    """The table as text, one row per M: the vLLM-format config (its six knobs, table_us) and, from
+    the sidecar, our fastest config with its extra knobs ('=' when it is the same), tuned_us, speedup."""
     configs = load_table(path)
     sidecar = load_sidecar(path)
     entries = (sidecar or {}).get("entries", {})
     rows = []
     for M in sorted(configs):
         e = entries.get(str(M), {})
+        ours = e.get("config", configs[M])
+        table_us = e.get("vllm_us", e.get("tuned_us") if ours == configs[M] else None)
         rows.append({
-            "M": M, **{SHORT[k]: configs[M][k] for k in KNOBS},
-            "tuned_us": _num(e.get("tuned_us"), ".1f"), "default_us": _num(e.get("default_us"), ".1f"),
+            "M": M, **{SHORT[k]: configs[M][k] for k in KNOBS}, "table_us": _num(table_us, ".1f"),
+            "ours": _ours(ours, configs[M]), "tuned_us": _num(e.get("tuned_us"), ".1f"),
+            "default_us": _num(e.get("default_us"), ".1f"),
             "speedup": _num(e.get("speedup"), ".2f") + ("x" if e.get("speedup") else ""),
             "trials": e.get("trials", "-"), "rel_err": _num(e.get("rel_err"), ".1e"),
+            "status": "incomplete" if e.get("incomplete") else ("tuned" if e.get("trials") else "-"),
         })  # fmt: skip
     lines = [str(path)]
     if sidecar is None:
@@ -77,6 +91,12 @@ def format_table(path: Path) -> str:
         )
         if not sidecar.get("timings_meaningful", True):
             lines.append("  timings come from Triton's CPU interpreter: meaningless, they only prove the pipeline ran")
+        lines.append("  BLOCK_M..stages, table_us: the vLLM-format table's config; ours, tuned_us: our fastest config "
+                     "(sidecar, extra knobs included; '=' when the same), which moetune's runtime runs")  # fmt: skip
+        incomplete = [m for m, e in entries.items() if e.get("incomplete")]
+        if incomplete:
+            lines.append(f"  incomplete (the time budget ran out; `moetune run --resume` continues): "
+                         f"M={','.join(incomplete)}")
     lines.append(pd.DataFrame(rows).to_string(index=False))
     return "\n".join(lines)
 
@@ -111,13 +131,20 @@ def validate_folder(folder: Path) -> tuple[int, list[str], int]:
         if not _table_path(sidecar).exists():
             problems.append(f"{sidecar}: sidecar without its table {_table_path(sidecar).name}")
     verified = 0
+    shipped = folder.resolve() == packaged_tables_dir().resolve() or folder.resolve().name == "tuned_configs"
     for path in tables:
-        file_problems = _check_file(path)
-        problems += file_problems
-        if not file_problems:
-            more, n = _check_on_device(path)
-            problems += more
-            verified += n
+        try:
+            file_problems = _check_file(path)
+            if shipped and (parse_table_filename(path.name) or {}).get("device") == CPU_DEVICE_NAME:
+                file_problems.append(f"{path}: a CPU-interpreter table in {folder.name}/, which ships in the wheel; "
+                                     f"move it under runs/ (its timings mean nothing)")  # fmt: skip
+            problems += file_problems
+            if not file_problems:
+                more, n = _check_on_device(path)
+                problems += more
+                verified += n
+        except Exception as e:  # one bad file is reported; the rest are still checked
+            problems.append(f"{path}: cannot be checked: {type(e).__name__}: {e}")
     return len(tables), problems, verified
 
 
@@ -164,8 +191,10 @@ def _check_file(path: Path) -> list[str]:
     for M in sorted(set(entries) & set(configs)):
         e = entries[M]
         ours = set(e["config"]) - set(KNOBS)  # knobs vLLM lacks: our kernel's own config for this M
-        if not ours and any(e["config"].get(k) != configs[M][k] for k in KNOBS):
-            problems.append(f"{where}: M={M}: config differs from the table's")
+        table_config = e.get("vllm_config") or (None if ours else e["config"])
+        if table_config is not None and any(table_config.get(k) != configs[M][k] for k in KNOBS):
+            key = "vllm_config" if "vllm_config" in e else "config"
+            problems.append(f"{where}: M={M}: {key} differs from the table's")
         tuned, default, speedup = e.get("tuned_us"), e.get("default_us"), e.get("speedup")
         if tuned and default and speedup and abs(default / tuned - speedup) > 0.01 * speedup:
             problems.append(f"{where}: M={M}: speedup {speedup} is not default_us/tuned_us = {default / tuned:.3f}")

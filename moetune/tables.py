@@ -21,7 +21,7 @@ from typing import IO, Any
 import jsonschema
 
 from moetune.errors import MoetuneError, TableError
-from moetune.kernels.knobs import VLLM_KNOBS
+from moetune.kernels.knobs import VLLM_KNOBS, check_config
 from moetune.models import DTYPES, MoeShape
 
 log = logging.getLogger("moetune")
@@ -29,10 +29,17 @@ log = logging.getLogger("moetune")
 KNOBS = tuple(VLLM_KNOBS)  # the six knobs a vLLM-format table holds
 # The token counts vLLM's tuner covers; ours covers the same so tables line up key for key.
 TOKEN_COUNTS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 256, 512, 1024, 1536, 2048, 3072, 4096)
+# The interpreter runs a tiny layer in about a second: CPU runs and benches default to these few M.
+CPU_TOKEN_COUNTS = (1, 16, 64)
 SIDECAR_SUFFIX = ".moetune.json"
 CPU_DEVICE_NAME = "CPU_triton_interpreter"
+# Where interpreter tables go by default: a run folder, never the repo's tuned_configs/ (which ships).
+CPU_TABLES_DIR = Path("runs") / "tuned_configs"
+# A token-count key: no sign, no leading zero, at most 7 digits (the schemas say the same; M above
+# 9,999,999 tokens in one step is not a batch any engine runs, and int() of a huge key is a typo).
+M_KEY_RE = re.compile(r"[1-9][0-9]{0,6}")
 
-Config = dict[str, int]
+Config = dict[str, Any]  # vLLM's six int knobs, plus our extra knobs (kernels/knobs.py) in a sidecar
 
 _FILE_RE = re.compile(
     r"^E=(?P<E>\d+),N=(?P<N>\d+),device_name=(?P<device>[^,]+)"
@@ -94,8 +101,11 @@ def default_config(M: int, E: int) -> Config:
 
 def data_dir(name: str) -> Path:
     """schemas/ or tuned_configs/: inside an installed wheel they are moetune.<name>; in a source
-    checkout on PYTHONPATH (as on the GPU machine, where nothing is pip-installed) they sit beside
-    the package."""
+    checkout (on PYTHONPATH as on the GPU machine, or a git worktree beside an editable install that
+    points elsewhere) they sit beside the package, and the checkout's own copy wins."""
+    root = Path(__file__).resolve().parent.parent
+    if (root / "pyproject.toml").is_file() and (root / name).is_dir():
+        return root / name
     try:
         return Path(str(resources.files(f"moetune.{name}")))
     except ModuleNotFoundError:
@@ -113,10 +123,11 @@ def _describe(error: jsonschema.ValidationError) -> str:
     where = f"M={path[0]}" if path and str(path[0]).isdigit() else (f"key {path[0]!r}" if path else "top level")
     field = f" {path[1]}" if len(path) > 1 else ""
     v = error.validator
-    if v == "additionalProperties" and not path:
-        bad = sorted(set(error.instance) - {"triton_version"} - {k for k in error.instance if k.isdigit()})
+    if v == "additionalProperties" and (not path or path[-1] == "entries"):
+        bad = sorted(k for k in error.instance if k != "triton_version" and not M_KEY_RE.fullmatch(k))
         key = bad[0] if bad else "?"
-        return f"key {key!r} is not a token count (a positive integer written as a string)"
+        return (f"{'entries: ' if path else ''}key {key!r} is not a token count (a positive integer of at most "
+                f"7 digits, no leading zero, written as a string)")
     if v == "additionalProperties":
         extra = sorted(set(error.instance) - set(KNOBS))
         return f"{where}: unknown knob(s) {extra}; a table holds only {', '.join(KNOBS)} (extras go in the sidecar)"
@@ -142,11 +153,13 @@ def _validate(obj: Any, schema_name: str, path: Path) -> None:
 
 def _read_json(path: Path) -> Any:
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise TableError(f"{path}: no such file") from None
     except OSError as e:
         raise TableError(f"{path}: cannot read ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise TableError(f"{path}: not UTF-8 text (byte {e.start}); a table is a JSON file") from None
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
@@ -160,16 +173,46 @@ def load_table(path: str | os.PathLike) -> dict[int, Config]:
     if not isinstance(obj, dict):
         raise TableError(f"{path}: top level must be a JSON object mapping token counts to configs")
     _validate(obj, "config_table.schema.json", path)
-    return {int(k): dict(v) for k, v in obj.items() if k != "triton_version"}
+    configs = {int(k): dict(v) for k, v in obj.items() if k != "triton_version"}
+    for M, config in configs.items():
+        _integers_only(config, f"{path}: M={M}")
+    return configs
+
+
+def _integers_only(config: Mapping[str, Any], where: str) -> None:
+    """JSON Schema calls 16.0 an integer; vLLM would pass it to Triton as a float. Refuse it."""
+    for knob, value in config.items():
+        if knob in VLLM_KNOBS and type(value) is not int:
+            raise TableError(f"{where}: {knob}={value!r} must be an integer (write {int(value)})")
 
 
 def load_sidecar(table_path: str | os.PathLike) -> dict | None:
+    """The sidecar beside a table, checked: schema, a possible shape, and every config (extra knobs
+    included) against kernels/knobs.py, so a bad knob is refused at load rather than at launch."""
     path = sidecar_path(Path(table_path))
     if not path.exists():
         return None
     obj = _read_json(path)
     _validate(obj, "sidecar.schema.json", path)
+    s = obj["shape"]
+    if s["top_k"] > s["E"]:
+        raise TableError(f"{path}: shape top_k={s['top_k']} exceeds E={s['E']}: top-k picks distinct experts")
+    for M, entry in obj["entries"].items():
+        for key in ("config", "vllm_config"):
+            if key in entry:
+                try:
+                    check_config(entry[key], f"{path}: M={M} {key}")
+                except MoetuneError as e:
+                    raise TableError(str(e)) from None
     return obj
+
+
+def _file_mode() -> int:
+    """0644 under the usual umask: what open() would give. mkstemp's 0600 would hide a table from a
+    vLLM server running as another user."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 def _atomic_write(path: Path, write: Callable[[IO[str]], object]) -> None:
@@ -177,6 +220,7 @@ def _atomic_write(path: Path, write: Callable[[IO[str]], object]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, _file_mode())
         with os.fdopen(fd, "w", newline="") as f:
             write(f)
             f.flush()
@@ -277,8 +321,12 @@ def find_table(
             return ConfigTable.load(folder / name, shape.E)
     if name not in _warned:
         _warned.add(name)
+        others = [f"{d} ({folder / n})" for d in DTYPES if d != dtype
+                  for n in [table_filename(shape.E, shape.N, device or device_name(), d)] if n != name
+                  for folder in searched if (folder / n).is_file()]  # fmt: skip
+        hint = f"; there is one for another dtype: {others[0]}, pass --dtype to use it" if others else ""
         log.warning(
-            "no tuned MoE config table %s in %s; using the default config (run `moetune run` to make one)",
-            name, ", ".join(str(f) for f in searched),
+            "no tuned MoE config table %s for %s in %s; using the default config (run `moetune run` to make one)%s",
+            name, dtype, ", ".join(str(f) for f in searched), hint,
         )
     return ConfigTable.untuned(shape.E)

@@ -31,7 +31,7 @@ def test_notebook_draws_kernel_convergence_and_serve_figures_from_tool_outputs(t
     results = tmp_path / "benchmarks" / "results" / "cpu"
     results.mkdir(parents=True)
     run_dir = tmp_path / "run"
-    assert main(["run", "--model", "tiny", "--batch-sizes", "1,4", "--trials", "3", "--finalists", "1",
+    assert main(["run", "--model", "tiny", "--dtype", "bf16", "--batch-sizes", "1,4", "--trials", "3", "--finalists", "1",
                  "--output", str(tmp_path / "tuned_configs"), "--run-dir", str(run_dir)]) == 0  # fmt: skip
     shutil.copy(run_dir / "trials.csv", results / "trials.csv")
     assert main(["bench", "--model", "tiny", "--dtype", "bf16", "--batch-sizes", "1,4", "--reps", "2",

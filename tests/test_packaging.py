@@ -26,6 +26,21 @@ def test_wheel_ships_every_committed_table_and_sidecar(wheel_files):
     assert committed <= wheel_files
 
 
+def test_wheel_never_ships_a_cpu_interpreter_table(tmp_path):
+    """Even one left in tuned_configs/ (git ignores it, and `moetune validate` flags it)."""
+    import shutil
+
+    src = tmp_path / "src"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".venv", ".git", "runs", "build", "*.egg-info", "notebooks"))
+    (src / "tuned_configs" / "E=4,N=96,device_name=CPU_triton_interpreter.json").write_text("{}")
+    cmd = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(tmp_path), str(src)]
+    subprocess.run(cmd, check=True, capture_output=True)
+    (wheel,) = tmp_path.glob("moetune-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "moetune/tuned_configs/__init__.py" in names
+    assert not [n for n in names if "CPU_triton_interpreter" in n]
+
+
 def test_wheel_ships_the_schemas(wheel_files):
     assert {"moetune/schemas/config_table.schema.json", "moetune/schemas/sidecar.schema.json"} <= wheel_files
 

@@ -37,7 +37,8 @@ def test_show_prints_each_M_with_its_config_timings_and_speedup(tmp_path, capsys
     out = capsys.readouterr().out
     assert "mixtral-8x7b tp=1 E=8 N=14336 K=4096 top_k=2 fp8 on NVIDIA_H100_80GB_HBM3" in out
     row = next(line for line in out.splitlines() if line.split()[:1] == ["64"])
-    assert row.split() == ["64", "64", "128", "128", "16", "8", "3", "50.0", "80.0", "1.60x", "100", "2.0e-02"]
+    assert row.split() == ["64", "64", "128", "128", "16", "8", "3", "50.0", "=", "50.0", "80.0", "1.60x", "100",
+                           "2.0e-02", "tuned"]
     assert "meaningless" not in out
 
 
@@ -153,3 +154,40 @@ def test_validate_runs_a_sidecar_config_with_knobs_vllm_lacks(tmp_path, capsys, 
     assert main(["validate", str(tmp_path)]) == 0
     assert "1 configs ran right on this device" in capsys.readouterr().out
     assert ran == [gemv]
+
+
+def test_validate_reports_each_unreadable_file_and_still_checks_the_rest(tmp_path, capsys):
+    make_table(tmp_path)  # fine
+    (tmp_path / NAME.replace("E=8", "E=2")).write_bytes(b'{"1": "\xff"}')  # not UTF-8
+    odd = make_table(tmp_path, NAME.replace("E=8", "E=4"))
+    side = json.loads(sidecar_path(odd).read_text())
+    side["shape"]["top_k"] = 9  # top-k of 8 experts cannot be 9
+    sidecar_path(odd).write_text(json.dumps(side))
+    (tmp_path / NAME.replace("E=8", "E=6")).write_text(json.dumps({"1": {**A, "BLOCK_SIZE_K": 128.0}}))
+    assert main(["validate", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    for text in ("not UTF-8 text", "top_k=9 exceeds E=8", "BLOCK_SIZE_K=128.0 must be an integer", "3 problem(s)"):
+        assert text in err, text
+    assert "Traceback" not in err
+
+
+def test_validate_flags_a_cpu_interpreter_table_in_tuned_configs(tmp_path, capsys):
+    folder = tmp_path / "tuned_configs"
+    folder.mkdir()
+    save_table(folder / "E=4,N=96,device_name=CPU_triton_interpreter.json", {1: A})
+    assert main(["validate", str(folder)]) == 1
+    assert "a CPU-interpreter table in tuned_configs/, which ships in the wheel" in capsys.readouterr().err
+
+
+def test_show_prints_the_vllm_table_and_our_configs_with_extra_knobs(tmp_path, capsys):
+    configs = {1: A, 64: B}
+    side = sidecar_for(NAME, configs)
+    side["entries"]["1"].update(config={**A, "kernel": "gemv"}, vllm_config=A, vllm_us=60.0, tuned_us=50.0)
+    side["entries"]["64"]["incomplete"] = True
+    save_table(tmp_path / NAME, configs, side)
+    assert main(["show", str(tmp_path / NAME)]) == 0
+    out = capsys.readouterr().out
+    row1 = next(line for line in out.splitlines() if line.split()[:1] == ["1"]).split()
+    assert row1[7:10] == ["60.0", "16/64/128/1/4/4,kernel=gemv", "50.0"]
+    assert "incomplete (the time budget ran out; `moetune run --resume` continues): M=64" in out
+    assert main(["validate", str(tmp_path)]) == 0

@@ -154,3 +154,82 @@ def test_save_refuses_a_config_vllm_could_not_load(tmp_path):
     with pytest.raises(TableError, match="power of two"):
         tables.save_table(tmp_path / "x.json", {1: {**GOOD, "BLOCK_SIZE_N": 100}})
     assert not (tmp_path / "x.json").exists()
+
+
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        ({"16": {**GOOD, "BLOCK_SIZE_M": 16.0}}, "M=16: BLOCK_SIZE_M=16.0 must be an integer (write 16)"),
+        ({"99999999999999999999999": GOOD}, "key '99999999999999999999999' is not a token count"),
+        ({"01": GOOD, "1": GOOD}, "key '01' is not a token count"),
+        ({"-1": GOOD}, "key '-1' is not a token count"),
+    ],
+)
+def test_integers_only_and_bounded_m_keys_named(tmp_path, content, message):
+    with pytest.raises(TableError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        tables.load_table(_write(tmp_path, content))
+
+
+def _sidecar(path, **entry_config):
+    return {
+        "table": path.name, "device": "NVIDIA_H200", "dtype": "bf16", "shape": {"E": 8, "N": 7168, "K": 4096, "top_k": 2},
+        "versions": {"torch": "2.11", "triton": "3.6", "moetune": "0.1.0"},
+        "entries": {"1": {"config": {**GOOD, **entry_config}}},
+    }
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        ({"kernel": "gemm"}, "M=1 config: kernel='gemm' is not allowed; use one of ['tiled', 'gemv']"),
+        ({"fuse_silu": 2}, "M=1 config: fuse_silu=2 is not allowed"),
+        ({"split_kk": 2}, "M=1 config: unknown knob 'split_kk'"),
+    ],
+)
+def test_sidecar_extra_knobs_are_checked_against_knobs_py_when_the_table_is_loaded(tmp_path, extra, message):
+    path = tmp_path / tables.table_filename(8, 7168, "NVIDIA_H200", "bf16")
+    tables.save_table(path, {1: GOOD})
+    tables.sidecar_path(path).write_text(json.dumps(_sidecar(path, **extra)))
+    with pytest.raises(TableError) as err:
+        tables.ConfigTable.load(path, 8)
+    assert str(tables.sidecar_path(path)) in str(err.value) and message in str(err.value)
+
+
+def test_a_sidecar_with_an_impossible_shape_is_refused(tmp_path):
+    path = tmp_path / tables.table_filename(8, 7168, "NVIDIA_H200", "bf16")
+    side = _sidecar(path)
+    side["shape"]["top_k"] = 9
+    tables.save_table(path, {1: GOOD})
+    tables.sidecar_path(path).write_text(json.dumps(side))
+    with pytest.raises(TableError, match="top_k=9 exceeds E=8"):
+        tables.load_sidecar(path)
+
+
+def test_non_utf8_is_a_clear_error(tmp_path):
+    path = _write(tmp_path, "")
+    path.write_bytes(b'{"1": "\xff\xfe"}')
+    with pytest.raises(TableError, match="not UTF-8 text"):
+        tables.load_table(path)
+
+
+def test_written_files_are_readable_by_others_as_the_umask_allows(tmp_path):
+    import os
+
+    old = os.umask(0o022)
+    try:
+        tables.atomic_write_json(tmp_path / "a.json", {})
+        os.umask(0o077)
+        tables.atomic_write_text(tmp_path / "b.csv", "x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644  # mkstemp alone gives 0600
+    assert (tmp_path / "b.csv").stat().st_mode & 0o777 == 0o600
+
+
+def test_no_table_for_this_dtype_but_one_for_another_says_so(tmp_path, caplog):
+    shape = moe_shape(get_model("mixtral-8x7b"), 1)
+    tables.save_table(tmp_path / tables.table_filename(8, 14336, "NVIDIA_H100", "bf16"), {1: GOOD})
+    with caplog.at_level(logging.WARNING, logger="moetune"):
+        tables.find_table(shape, "fp8", device="NVIDIA_H100", folders=[tmp_path])
+    text = " ".join(r.msg % r.args for r in caplog.records)
+    assert "for fp8" in text and "there is one for another dtype: bf16" in text

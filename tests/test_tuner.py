@@ -20,11 +20,14 @@ from optuna.trial import TrialState
 from moetune.errors import MoetuneError, TableError
 from moetune.models import MoeShape
 from moetune.tables import default_config, load_sidecar, load_table, save_table
+from moetune.tuning.priors import prior_configs
 from moetune.tuning.space import Space, config_key, space_for, to_config
 from moetune.tuning.study import (
     PENALTY_US,
     Settings,
+    drop_stale_journal_lock,
     finalize,
+    make_pruner,
     make_sampler,
     open_storage,
     plateaued,
@@ -168,10 +171,15 @@ def test_finalists_are_retimed_so_a_lucky_screening_time_does_not_win():
     assert entry["tuned_us"] == 5.0 and entry["default_us"] == 50.0 and entry["speedup"] == 10.0
 
 
-def test_warm_starts_are_the_default_the_neighbours_and_the_existing_table():
-    a, b, old = cfg(32, 64, 64, 1, 4, 3), cfg(128, 128, 64, 16, 8, 4), cfg(64, 64, 128, 32, 4, 4)
-    starts = warm_starts(16, 8, finals={1: a, 8: a, 64: b, 256: b}, old_table={12: old, 4096: b})
-    assert starts == [("default", default_config(16, 8)), ("M=8", a), ("M=64", b), ("existing table", old)]
+def test_warm_starts_are_the_old_table_the_neighbours_best_the_priors_and_the_default():
+    a, a2, b = cfg(32, 64, 64, 1, 4, 3), cfg(32, 64, 128, 1, 4, 3), cfg(128, 128, 64, 16, 8, 4)
+    old = cfg(64, 64, 128, 32, 4, 4)
+    starts = warm_starts(16, 8, "fp8", tops={1: [b], 8: [a, a2, b], 64: [b], 256: [a]}, old_table={12: old, 4096: b})
+    priors = [("prior #1", prior_configs(16, "fp8")[0]), ("prior #2", prior_configs(16, "fp8")[1])]
+    assert starts == [("existing table", old), ("M=8", a), ("M=8 #2", a2), ("M=64", b), *priors,
+                      ("default", default_config(16, 8))]
+    # the same config from two sources is evaluated once, under its first source
+    assert [s for s, _ in warm_starts(16, 8, "bf16", {8: [old]}, {16: old})][:2] == ["existing table", "prior #1"]
 
 
 def test_each_study_starts_from_its_warm_starts(tmp_path):
@@ -179,10 +187,10 @@ def test_each_study_starts_from_its_warm_starts(tmp_path):
     old_1, old = cfg(16, 64, 128, 16, 4, 4), cfg(32, 64, 128, 32, 4, 4)
     save_table(job.path, {1: old_1, 16: old})
     tune_table(job, Settings(trials=5, **FAST), SyntheticBench)
-    first = trials_of(job, 16)[:3]
-    assert [t.user_attrs["warm_start"] for t in first] == ["default", "M=1", "existing table"]
-    finals = load_table(job.path)
-    assert [to_config(t.params) for t in first] == [default_config(16, 8), finals[1], old]
+    first = trials_of(job, 16)[:2]
+    assert [t.user_attrs["warm_start"] for t in first] == ["existing table", "M=1"]
+    finals = load_sidecar(job.path)["entries"]["1"]
+    assert to_config(first[0].params) == old and to_config(first[1].params) == finals["config"]
 
 
 # ---------------------------------------------------------------------------------------- the table
@@ -197,22 +205,56 @@ def test_a_run_writes_a_valid_table_sidecar_and_trials_file(tmp_path):
     assert sidecar["timings_meaningful"] is False and sidecar["table"] == job.path.name
     for M in (1, 64):
         e = sidecar["entries"][str(M)]
-        assert e["config"] == table[M] and e["trials"] == 6
+        assert e["vllm_config"] == table[M] and e["trials"] == 6 and not e.get("incomplete")
         assert e["speedup"] == pytest.approx(e["default_us"] / e["tuned_us"], rel=1e-3)
     df = pd.read_csv(tmp_path / "trials.csv")
     assert len(df) == 12 and set(df["M"]) == {1, 64} and set(df["state"]) == {"COMPLETE"}
-    assert {"BLOCK_SIZE_M", "num_stages", "us", "infeasible"} <= set(df.columns)
+    assert {"BLOCK_SIZE_M", "num_stages", "kernel", "fuse_silu", "us", "infeasible"} <= set(df.columns)
+    assert df["BLOCK_SIZE_M"].notna().all() and set(df["kernel"]) <= {"tiled", "gemv"}
     assert not list(job.path.parent.glob(".*.tmp"))  # atomic writes leave no temporaries
 
 
 def test_the_time_budget_is_shared_over_the_table_and_every_M_still_gets_a_config(tmp_path):
     job = make_job(tmp_path, [1, 16, 64])
-    settings = Settings(trials=1000, patience=1000, time_budget_s=1.5, **FAST)
+    settings = Settings(trials=1000, patience=1000, time_budget_s=3, min_screen=3, **FAST)
     t0 = time.monotonic()
     result = tune_table(job, settings, functools.partial(SyntheticBench, delay_s=0.05))
-    assert time.monotonic() - t0 < 5
+    assert time.monotonic() - t0 < 3 * 1.05  # hard: finalists and writes included
     assert sorted(result.done) == [1, 16, 64]
-    assert all(3 <= len(trials_of(job, M)) < 30 for M in job.Ms)
+    assert all(3 <= len(trials_of(job, M)) < 60 for M in job.Ms)
+
+
+def test_the_budget_is_hard_even_with_slow_finalists_and_weights_large_M_more(tmp_path):
+    job = make_job(tmp_path, [1, 64, 4096])
+    settings = Settings(trials=1000, patience=1000, time_budget_s=4, screen_reps=1, final_reps=20, final_rounds=5,
+                        finalists=3, anchors=False)  # fmt: skip
+
+    class SlowFinals(SyntheticBench):  # a careful timing costs 20x a screening one
+        def time(self, config, M, reps):
+            time.sleep(0.005 * reps)
+            return synthetic_us(config, M)
+
+    t0 = time.monotonic()
+    tune_table(job, settings, SlowFinals)
+    assert time.monotonic() - t0 < 4 * 1.05
+    n = {M: len(trials_of(job, M)) for M in job.Ms}
+    assert n[4096] > n[1]  # M=4096 has the biggest share: 9x the weight of M=1
+
+
+def test_an_M_the_budget_cut_short_is_incomplete_keeps_a_config_and_resume_continues_it(tmp_path):
+    job = make_job(tmp_path, [1, 16, 64, 256])
+    settings = Settings(trials=30, patience=1000, time_budget_s=1.2, min_screen=30, anchors=False, **FAST)
+    result = tune_table(job, settings, functools.partial(SyntheticBench, delay_s=0.1))
+    sidecar, table = load_sidecar(job.path), load_table(job.path)
+    assert sorted(table) == job.Ms and result.incomplete == job.Ms and not result.done
+    assert all(sidecar["entries"][str(M)]["incomplete"] for M in job.Ms)
+    before = len(trials_of(job, 64))
+
+    job.resume = True
+    result = tune_table(job, Settings(trials=30, patience=1000, anchors=False, **FAST), SyntheticBench)
+    assert sorted(result.done) == job.Ms and not result.resumed and not result.incomplete
+    assert not any(e.get("incomplete") for e in load_sidecar(job.path)["entries"].values())
+    assert len([t for t in trials_of(job, 64) if t.state == TrialState.COMPLETE]) >= 30 > before
 
 
 def test_a_second_run_on_the_same_storage_needs_resume(tmp_path):
@@ -233,7 +275,7 @@ def test_ctrl_c_keeps_finished_M_in_a_valid_table_and_loses_only_the_trial_in_fl
             return synthetic_us(config, M)
 
     job = make_job(tmp_path, [1, 64, 256])
-    result = tune_table(job, Settings(trials=4, **FAST), InterruptedBench)
+    result = tune_table(job, Settings(trials=4, anchors=False, **FAST), InterruptedBench)
     assert result.interrupted and sorted(result.done) == [1]
     assert sorted(load_table(job.path)) == [1] and sorted(load_sidecar(job.path)["entries"]) == ["1"]
     states = [t.state for t in trials_of(job, 64)]
@@ -251,7 +293,7 @@ CHILD = textwrap.dedent("""
     from moetune.tuning.study import Settings
     from moetune.tuning.tuner import tune_table
     job = make_job(Path({tmp!r}), [1, 2, 4, 8, 16])
-    tune_table(job, Settings(trials=6, patience=100, **FAST), functools.partial(SyntheticBench, delay_s=0.1, log_path={log!r}))
+    tune_table(job, Settings(trials=6, patience=100, anchors=False, **FAST), functools.partial(SyntheticBench, delay_s=0.1, log_path={log!r}))
 """)
 
 
@@ -272,6 +314,7 @@ def test_resume_after_sigkill_redoes_no_finished_M(tmp_path):
     finally:
         child.send_signal(signal.SIGKILL)
         child.wait()
+    drop_stale_journal_lock(Path(job.storage))  # as `moetune run` does, holding the run folder's lock
     finished = sorted(load_table(job.path))
     before = {M: len(trials_of(job, M)) for M in finished}
     killed_M = min(set(job.Ms) - set(finished))
@@ -279,8 +322,8 @@ def test_resume_after_sigkill_redoes_no_finished_M(tmp_path):
 
     relog = tmp_path / "resume.log"
     bench = functools.partial(SyntheticBench, log_path=str(relog))
-    result = tune_table(job, Settings(trials=6, patience=100, **FAST), bench)
-    assert sorted(result.resumed) == finished and sorted(result.done) == job.Ms
+    result = tune_table(job, Settings(trials=6, patience=100, anchors=False, **FAST), bench)
+    assert sorted(result.resumed) == finished and sorted(result.done) == job.Ms, (result.failed, result.incomplete)
     redone = {int(line.split()[0]) for line in relog.read_text().splitlines()}
     assert not redone & set(finished)
     assert {M: len(trials_of(job, M)) for M in finished} == before
@@ -303,7 +346,8 @@ def test_two_worker_processes_share_one_study_without_duplicating_work(tmp_path)
     assert len({t.user_attrs["owner"]["pid"] for t in trials}) == 2
     screened = [line.split()[1:-1] for line in log.read_text().splitlines() if line.endswith(" 1")]
     assert len(screened) == len(set(map(tuple, screened)))  # no config timed twice in screening
-    assert [t.number for t in trials if t.user_attrs.get("warm_start")] == [0]
+    starts = [t.number for t in trials if t.user_attrs.get("warm_start")]
+    assert starts == list(range(len(starts)))  # each warm start taken once, by one of the two
 
 
 def test_a_trial_whose_process_died_is_retried_once_then_recorded_infeasible():
@@ -359,5 +403,144 @@ def test_compile_pool_reports_errors_and_hangs_without_stopping():
         assert reasons[1].startswith("RuntimeError: out of resource: shared memory")
         assert "did not finish within 3 s" in reasons[2]
         assert pool.compile([good], M=16) == [None]  # a fresh pool replaced the hung one
+        t0 = time.monotonic()
+        assert "did not finish within 1 s" in pool.compile([hung], M=16, timeout_s=1.0)[0]  # a budget's deadline
+        assert time.monotonic() - t0 < 2.5
     finally:
         pool.close()
+
+
+# ------------------------------------------------------------------------------------- tuner v2
+
+
+def test_extra_knobs_come_from_knobs_py_so_a_new_one_is_searched_with_no_other_change(monkeypatch):
+    from moetune.kernels import knobs
+
+    monkeypatch.setitem(knobs.EXTRA_KNOBS, "split_k", ((1, 2, 4), 1))
+    space = space_for(64, SHAPE)
+    dists = space.distributions()
+    assert (dists["split_k_idx"].low, dists["split_k_idx"].high) == (0, 2)  # ordered, as an index
+    assert "kernel" not in dists  # gemv is for M <= 8 only
+    config = {**cfg(64, 128, 128, 16, 4, 3), "split_k": 4, "fuse_silu": 1}
+    assert to_config(space.params(config)) == config
+    assert to_config(space.params(cfg(64, 128, 128, 16, 4, 3))) == cfg(64, 128, 128, 16, 4, 3)  # defaults dropped
+    assert set(space_for(1, SHAPE).distributions()["kernel"].choices) == {"tiled", "gemv"}
+    knobs.check_config(to_config(space.params(config)), "test")
+
+
+def test_ours_may_use_extra_knobs_but_the_table_gets_the_best_config_with_vllms_structure():
+    study = memory_study()
+    space = space_for(1, SHAPE)
+    tiled, gemv = cfg(64, 64, 128, 16, 4, 3), {**cfg(64, 64, 128, 16, 4, 3), "kernel": "gemv"}
+    for c in (gemv, tiled):
+        study.enqueue_trial(space.params(c))
+    settings = Settings(trials=2, **FAST)
+    screen(study, SyntheticBench(), 1, space, settings)
+    entry = finalize(study, SyntheticBench(), 1, default_config(1, SHAPE.E), settings)
+    assert entry["config"] == gemv and entry["vllm_config"] == tiled  # synthetic gemv is 15% faster at M=1
+    assert entry["tuned_us"] < entry["vllm_us"]
+
+
+def test_the_best_prior_is_always_re_timed_with_the_finalists_so_the_result_is_never_slower():
+    prior, lucky = cfg(64, 128, 128, 16, 4, 3), cfg(64, 128, 128, 32, 4, 3)
+
+    class Bench(SyntheticBench):
+        def time(self, config, M, reps):
+            careful = reps > 1
+            if config == prior:
+                return 6.0 if careful else 10.0
+            if config == lucky:
+                return 8.0 if careful else 5.0  # looked best in screening, is not
+            return 50.0
+
+    study = memory_study()
+    space = space_for(64, SHAPE)
+    study.enqueue_trial(space.params(lucky))
+    study.enqueue_trial(space.params(prior), user_attrs={"warm_start": "prior #1"})
+    settings = Settings(trials=2, screen_reps=1, final_reps=5, final_rounds=1, finalists=1)
+    screen(study, Bench(), 64, space, settings)
+    entry = finalize(study, Bench(), 64, default_config(64, SHAPE.E), settings)
+    assert entry["config"] == prior and entry["tuned_us"] == entry["prior_us"] == 6.0
+
+
+def test_careful_re_timing_goes_to_the_best_third_through_optunas_pruner():
+    study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=0), pruner=make_pruner(Settings(careful_reps=40)))
+    space = space_for(64, SHAPE)
+    reps = []
+    bench = SyntheticBench(noise=0.2)
+    timed = bench.time
+    bench.time = lambda c, M, r: reps.append(r) or timed(c, M, r)
+    screen(study, bench, 64, space, Settings(trials=30, patience=100, careful_reps=40, **FAST))
+    pruned = [t for t in study.trials if t.state == TrialState.PRUNED]
+    promoted = [t for t in study.trials if t.state == TrialState.COMPLETE and "screen_us" in t.user_attrs]
+    assert pruned and promoted and reps.count(40) == len(promoted) < len(pruned)
+    entry = finalize(study, SyntheticBench(), 64, default_config(64, SHAPE.E), Settings(**FAST))
+    assert entry is not None and entry["trials"] == 30
+
+
+def test_the_register_pre_filter_drops_tiles_that_must_spill_and_keeps_hoppers_winners():
+    from moetune.tuning.space import predict_infeasible
+
+    assert "spill" in predict_infeasible(cfg(256, 256, 64, 1, 4, 3), 1, 232448)
+    assert predict_infeasible(cfg(128, 256, 128, 16, 8, 3), 1, 232448) is None
+    assert predict_infeasible(cfg(256, 256, 64, 1, 4, 3), 1, None) is None  # the interpreter has no such limit
+
+
+def test_a_torn_last_journal_line_is_named_cut_off_and_resume_works(tmp_path, capsys):
+    job = make_job(tmp_path, [1])
+    tune_table(job, Settings(trials=3, **FAST), SyntheticBench)
+    journal = Path(job.storage)
+    whole = journal.read_bytes()
+    with journal.open("ab") as f:
+        f.write(b'{"op_code": 6, "worker_id": "ab')  # a kill mid-write
+    result = tune_table(make_job(tmp_path, [1, 16], resume=True), Settings(trials=3, **FAST), SyntheticBench)
+    assert result.resumed == [1] and sorted(result.done) == [1, 16]
+    err = capsys.readouterr().err
+    assert f"{journal}: its last line was torn" in err and "moved its 31 bytes" in err
+    assert journal.read_bytes().startswith(whole)
+    assert (tmp_path / "journal.log.torn").read_bytes() == b'{"op_code": 6, "worker_id": "ab'
+    again = tune_table(make_job(tmp_path, [1, 16], resume=True), Settings(trials=3, **FAST), SyntheticBench)
+    assert sorted(again.resumed) == [1, 16]
+
+
+def test_an_rdb_storage_lets_several_workers_share_a_run(tmp_path):
+    """SQLite stands in for the database several hosts would share (Optuna's RDBStorage)."""
+    url = f"sqlite:///{tmp_path / 'studies.db'}"
+    job = make_job(tmp_path, [64])
+    job.storage = url
+    settings = Settings(trials=10, patience=100, screen_reps=1, final_reps=2, final_rounds=1, finalists=2)
+    result = tune_table(job, settings, functools.partial(SyntheticBench, delay_s=0.4), workers=2)
+    assert sorted(result.done) == [64]
+    trials = trials_of(job, 64)
+    assert len({t.user_attrs["owner"]["pid"] for t in trials}) == 2 and 10 <= len(trials) <= 11
+    job.resume, job.Ms = True, [64, 256]  # another host joining later (--resume) finds M=64 done
+    assert tune_table(job, Settings(trials=3, **FAST), SyntheticBench).resumed == [64]
+
+
+def test_a_trial_killed_before_it_was_claimed_is_recovered_when_no_one_else_can_run_it():
+    study = memory_study()
+    study.ask(space_for(64, SHAPE).distributions())  # asked, never claimed: the process died in between
+    recover_stale(study)  # a shared database: another host may be about to claim it
+    assert study.trials[0].state == TrialState.RUNNING
+    recover_stale(study, exclusive=True)  # a journal file: this coordinator is the only one
+    assert study.trials[0].state == TrialState.FAIL and study.trials[1].user_attrs["retry_of"] == 0
+
+
+def test_a_study_starts_from_the_table_shipped_or_found_for_this_gpu_when_none_is_being_rewritten(tmp_path, monkeypatch):
+    shipped = tmp_path / "shipped"
+    job = make_job(tmp_path, [16])
+    old = cfg(32, 64, 128, 32, 4, 4)
+    save_table(shipped / job.path.name, {16: old})
+    monkeypatch.setenv("MOETUNE_TUNED_CONFIGS", str(shipped))
+    tune_table(job, Settings(trials=3, **FAST), SyntheticBench)
+    first = trials_of(job, 16)[0]
+    assert first.user_attrs["warm_start"] == "existing table" and to_config(first.params) == old
+
+
+def test_an_m_the_budget_never_reached_gets_its_first_start_moved_into_its_space():
+    from moetune.tuning.study import fallback_entry
+
+    gemv = {**cfg(32, 128, 64, 1, 4, 3), "kernel": "gemv"}  # M=1's winner; gemv is not searched at M=16
+    entry = fallback_entry([("M=1", gemv), ("prior #1", cfg(64, 128, 128, 1, 4, 4))], space_for(16, SHAPE), "late")
+    assert entry["config"] == entry["vllm_config"] == cfg(32, 128, 64, 1, 4, 3)
+    assert entry["incomplete"] and entry["tuned_us"] is None and "config from M=1" in entry["note"]

@@ -34,8 +34,9 @@ class Bench(Protocol):
     tolerance: float
     timings_meaningful: bool
 
-    def compile(self, configs: Sequence[Config], M: int) -> list[str | None]:
-        """Compile ahead of timing; None per config that compiled, else why it cannot run."""
+    def compile(self, configs: Sequence[Config], M: int, timeout_s: float | None = None) -> list[str | None]:
+        """Compile ahead of timing; None per config that compiled, else why it cannot run. `timeout_s`
+        caps the wait (the time budget's deadline); a config it cuts off is reported like a hang."""
         ...
 
     def verify(self, config: Config, M: int) -> float:
@@ -72,6 +73,7 @@ class KernelBench:
         from moetune.kernels.fused_moe import fused_moe, quantize_fp8_per_expert
 
         self._fused_moe = fused_moe
+        seed %= 2**32  # any --seed: torch generators want 0 <= seed < 2**64, and seed * 1_000_003 + M must fit
         self.shape, self.dtype, self.seed = shape, dtype, seed
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if self.device.type == "cuda":
@@ -150,10 +152,10 @@ class KernelBench:
                 raise DeviceBroken(reason) from e
             raise Infeasible(reason) from e
 
-    def compile(self, configs: Sequence[Config], M: int) -> list[str | None]:
+    def compile(self, configs: Sequence[Config], M: int, timeout_s: float | None = None) -> list[str | None]:
         if self._pool is None:  # CPU interpreter (nothing to compile) or compile in-process on first launch
             return [None] * len(configs)
-        return self._pool.compile(configs, M)
+        return self._pool.compile(configs, M, timeout_s)
 
     def verify(self, config: Config, M: int) -> float:
         from moetune.kernels.reference import rel_err

@@ -9,37 +9,53 @@ import fcntl
 import functools
 import os
 import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
 from moetune.errors import MoetuneError
-from moetune.models import MoeShape, check_dtype, get_model, moe_shape
-from moetune.tables import TOKEN_COUNTS, device_name, parse_token_counts, table_filename
+from moetune.models import DEFAULT_DTYPE, MoeShape, check_dtype, get_model, moe_shape
+from moetune.tables import (
+    CPU_TABLES_DIR,
+    CPU_TOKEN_COUNTS,
+    TOKEN_COUNTS,
+    device_name,
+    parse_token_counts,
+    table_filename,
+)
 from moetune.tuning.bench import KernelBench, bytes_per_elem
-from moetune.tuning.study import Settings
+from moetune.tuning.study import Settings, drop_stale_journal_lock
 from moetune.tuning.tuner import TableJob, TableResult, tune_table
 
-# The interpreter runs a tiny layer in about a second; these keep `moetune run --model tiny` short.
-CPU_BATCH_SIZES = (1, 16, 64)
-CPU_TRIALS = 6
+CPU_TRIALS = 6  # with CPU_TOKEN_COUNTS, keeps `moetune run --model tiny` short
+# A full 18-M table in 10 minutes on one GPU, Python's and torch's start-up included; --gpus N shares
+# the same trials over N GPUs, so the default budget is this over N (the 2-GPU target is 5 minutes).
+GPU_TIME_BUDGET_S = 590.0
+GPU_TABLES_DIR = Path("tuned_configs")
 
 
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="mixtral-8x7b, mixtral-8x22b, or tiny (runs on the CPU)")
-    p.add_argument("--dtype", default="bf16", help="bf16 (default), fp16 or fp8 (w8a8: per-expert weight scales)")
+    p.add_argument("--dtype", default=DEFAULT_DTYPE,
+                   help=f"bf16, fp16 or fp8 (w8a8: per-expert weight scales); default {DEFAULT_DTYPE}")  # fmt: skip
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size; the table is for one rank's N")
     p.add_argument("--batch-sizes", help="token counts M to tune, e.g. 1,16,256 (default: vLLM's 18)")
     p.add_argument("--trials", type=int, help="trials per M (default 100; the whole grid with --sampler grid)")
-    p.add_argument("--time-budget", help="wall-clock budget for the whole table, e.g. 3600, 45m, 2h")
-    p.add_argument("--output", default="tuned_configs", help="folder for the table and sidecar (default: %(default)s)")
+    p.add_argument("--time-budget", help="hard wall-clock budget for the whole table, finalists and writes included, "
+                   "e.g. 600, 45m, 2h (default on a GPU: 10m / --gpus; none with --sampler grid or on the CPU)")
+    p.add_argument("--output", help=f"folder for the table and sidecar (default: {GPU_TABLES_DIR}; "
+                   f"{CPU_TABLES_DIR} for CPU-interpreter tables)")  # fmt: skip
     p.add_argument("--run-dir", help="folder for the journal, trials.csv and Triton cache (default: runs/<table>)")
     p.add_argument("--storage", help="Optuna storage: a journal file (default <run-dir>/journal.log) or an RDB URL")
-    p.add_argument("--gpus", type=int, default=1, help="worker processes, one per GPU, sharing each study")
-    p.add_argument("--resume", action="store_true", help="continue the run recorded in --storage")
+    p.add_argument("--gpus", type=int, default=1, metavar="N",
+                   help="how many GPUs (a count: GPUs 0..N-1), one worker each, "
+                   "sharing each study; other hosts join a run through an RDB --storage with --resume")  # fmt: skip
+    p.add_argument("--resume", action="store_true", help="continue the run recorded in --storage: M not done, "
+                   "M marked incomplete by the time budget; or join a run another host keeps in an RDB")  # fmt: skip
     p.add_argument("--sampler", default="tpe", help="tpe (default) or grid (brute force, for comparisons)")
-    p.add_argument("--seed", type=int, default=0, help="seeds the weights, the inputs and the sampler")
+    p.add_argument("--seed", type=int, default=0, help="seeds the weights, the inputs and the sampler (any integer)")
     p.add_argument("--patience", type=int, default=40, help="stop an M after this many trials without a 1%% gain")
     p.add_argument("--finalists", type=int, default=4, help="best configs re-timed with many reps per M")
     p.add_argument("--compile-workers", type=int, help="CPU processes compiling per GPU (default: cores / GPUs)")
@@ -55,7 +71,35 @@ def parse_duration(text: str) -> float:
 
 def _positive(name: str, value: int | float | None) -> None:
     if value is not None and value < 1:
-        raise MoetuneError(f"{name} must be at least 1, got {value}")
+        raise MoetuneError(f"{name} {value} is out of range; give a whole number of at least 1")
+
+
+def _writable_folder(flag: str, folder: Path) -> None:
+    """A folder we can create or write in, checked before any work (a bad --output used to fail
+    only after the first M was tuned)."""
+    if folder.exists() and not folder.is_dir():
+        raise MoetuneError(f"{flag} {folder} is a file, not a folder; pass a folder (it is created if missing)")
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir():
+        raise MoetuneError(f"{flag} {folder}: {existing} is a file, so no folder can be made there; pass another")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise MoetuneError(f"{flag} {folder}: {existing} is not writable by this user; pass a folder you can write")
+
+
+def check_output_paths(output: Path, run_dir: Path, storage: str, storage_given: bool) -> None:
+    """--output, --run-dir and a journal --storage: each a usable place, or one line saying why not."""
+    _writable_folder("--output", output)
+    _writable_folder("--run-dir", run_dir)
+    if "://" in storage:
+        return
+    journal = Path(storage)
+    flag = "--storage" if storage_given else "--run-dir"
+    if journal.is_dir():
+        example = journal / "journal.log"
+        raise MoetuneError(f"{flag}: the journal {journal} is a folder; give a journal file, e.g. {example}")
+    if journal.exists() and not os.access(journal, os.W_OK):
+        raise MoetuneError(f"{flag}: the journal {journal} is not writable by this user; give another file")
+    _writable_folder(flag, journal.parent)
 
 
 def _gpu_facts(gpus: int) -> tuple[bool, int | None]:
@@ -110,6 +154,8 @@ def _make_bench(shape: MoeShape, dtype: str, seed: int, workers: int, timeout_s:
 
 def _settings(args: argparse.Namespace, gpu: bool, dtype: str, time_budget: float | None,
               compile_workers: int, smem_limit: int | None) -> Settings:  # fmt: skip
+    if time_budget is None and gpu and args.sampler != "grid":
+        time_budget = GPU_TIME_BUDGET_S / args.gpus
     return Settings(
         trials=args.trials or (None if args.sampler == "grid" else (100 if gpu else CPU_TRIALS)),
         time_budget_s=time_budget,
@@ -121,11 +167,12 @@ def _settings(args: argparse.Namespace, gpu: bool, dtype: str, time_budget: floa
         smem_limit=smem_limit,
         bytes_per_elem=bytes_per_elem(dtype),
         # the interpreter's timings mean nothing, so spend as little time on them as possible
-        **({} if gpu else dict(screen_reps=4, final_reps=4, final_rounds=1)),
+        **({} if gpu else dict(screen_reps=4, final_reps=4, final_rounds=1, min_screen=CPU_TRIALS)),
     )
 
 
 def run_main(args: argparse.Namespace) -> int:
+    started = time.time()
     if not args.model:
         raise MoetuneError("which model? pass --model mixtral-8x7b, mixtral-8x22b or tiny")
     model = get_model(args.model)
@@ -133,10 +180,13 @@ def run_main(args: argparse.Namespace) -> int:
     shape = moe_shape(model, args.tp)
     for name in ("--trials", "--gpus", "--patience", "--finalists", "--compile-workers"):
         _positive(name, getattr(args, name[2:].replace("-", "_")))
+    if not args.compile_timeout > 0:  # also NaN
+        raise MoetuneError(f"--compile-timeout {args.compile_timeout:g} is out of range; "
+                           f"give seconds above 0 (e.g. 300)")
     if args.sampler not in ("tpe", "grid"):
         raise MoetuneError(f"unknown --sampler {args.sampler!r}; choose tpe or grid")
-    time_budget = parse_duration(args.time_budget) if args.time_budget else None
-    batch_sizes = parse_token_counts(args.batch_sizes) if args.batch_sizes else None
+    time_budget = parse_duration(args.time_budget) if args.time_budget is not None else None
+    batch_sizes = parse_token_counts(args.batch_sizes) if args.batch_sizes is not None else None
 
     gpu, smem_limit = _gpu_facts(args.gpus)
     if not gpu and model.name != "tiny":
@@ -148,9 +198,11 @@ def run_main(args: argparse.Namespace) -> int:
         raise MoetuneError("no GPU and TRITON_INTERPRET is not 1: set TRITON_INTERPRET=1 to run tiny on the CPU")
 
     device = device_name()
-    path = Path(args.output) / table_filename(shape.E, shape.N, device, dtype)
+    output = Path(args.output) if args.output is not None else (GPU_TABLES_DIR if gpu else CPU_TABLES_DIR)
+    path = output / table_filename(shape.E, shape.N, device, dtype)
     run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / path.name.removesuffix(".json")
     storage = args.storage or str(run_dir / "journal.log")
+    check_output_paths(output, run_dir, storage, storage_given=bool(args.storage))
     cache_dir = None
     if gpu and "TRITON_CACHE_DIR" not in os.environ:  # our own cache, so we may prune it
         cache_dir = run_dir / "triton_cache"
@@ -162,19 +214,26 @@ def run_main(args: argparse.Namespace) -> int:
     settings = _settings(args, gpu, dtype, time_budget, compile_workers, smem_limit)
     job = TableJob(
         path=path, storage=storage, shape=shape, dtype=dtype, model=model.name, tp=args.tp, device=device,
-        Ms=batch_sizes or list(TOKEN_COUNTS if gpu else CPU_BATCH_SIZES), resume=args.resume, cache_dir=cache_dir,
+        Ms=batch_sizes or list(TOKEN_COUNTS if gpu else CPU_TOKEN_COUNTS), resume=args.resume, cache_dir=cache_dir,
     )  # fmt: skip
     factory = functools.partial(_make_bench, shape, dtype, args.seed, compile_workers, args.compile_timeout)
 
     print(f"tuning {path} for {model.name} (tp {args.tp}, {dtype}) on {device}")
     workers = f"{args.gpus} GPU worker(s), {compile_workers} compile processes each" if gpu else "1 CPU worker"
-    print(f"  M = {','.join(map(str, job.Ms))}; studies in {storage}; {workers}")
+    print(f"  M = {','.join(map(str, job.Ms))}; studies in {storage}; {workers}"
+          + (f"; time budget {settings.time_budget_s:.0f} s" if settings.time_budget_s else ""))  # fmt: skip
     if not gpu:
         print(
             "  note: no GPU, so this runs through Triton's CPU interpreter: the timings are meaningless "
             "(sidecar timings_meaningful=false); it proves the pipeline, not speed"
         )
+    if settings.time_budget_s is not None:  # the budget bounds the whole command, set-up included
+        settings.time_budget_s = max(1.0, settings.time_budget_s - (time.time() - started))
     with run_dir_lock(run_dir):
+        if "://" not in storage and Path(storage).resolve().parent == run_dir.resolve():
+            note = drop_stale_journal_lock(Path(storage))  # the run folder's lock says no one else uses it
+            if note:
+                print(f"  note: {note}")
         result = tune_table(job, settings, factory, workers=args.gpus, trials_csv=run_dir / "trials.csv")
     _print_summary(job, result, run_dir, storage)
     if result.interrupted:
@@ -189,6 +248,9 @@ def _print_summary(job: TableJob, result: TableResult, run_dir: Path, storage: s
         print(format_table(job.path))
     for M, why in result.failed.items():
         print(f"M={M}: not tuned: {why}")
+    if result.incomplete:
+        print(f"M={','.join(map(str, result.incomplete))}: incomplete (the time budget ran out before their minimum "
+              f"screening); each holds the best config found so far. Rerun with --resume to go on.")  # fmt: skip
     new = len(result.done) - len(result.resumed)
     print(
         f"{new} M tuned in {result.wall_time_s:.0f} s"

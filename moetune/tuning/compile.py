@@ -50,6 +50,7 @@ class CompilePool:
         self._factory, self._n, self._timeout = factory, processes, timeout_s
         self._ctx = mp.get_context("spawn")  # CUDA cannot be forked
         self._pool = self._start()
+        self._stale = False  # a hung or poisoned process: start afresh before the next batch
 
     def _start(self, startup_s: float = 600.0) -> Any:
         """A pool whose processes are all set up, so compile timeouts count compiling only."""
@@ -62,20 +63,27 @@ class CompilePool:
             raise RuntimeError(f"compile processes did not start within {startup_s:.0f} s") from None
         return pool
 
-    def compile(self, configs: Sequence[Config], M: int) -> list[str | None]:
-        """None for each config that compiled, else the reason it cannot run."""
+    def compile(self, configs: Sequence[Config], M: int, timeout_s: float | None = None) -> list[str | None]:
+        """None for each config that compiled, else the reason it cannot run. `timeout_s` caps the
+        whole wait (a time budget's deadline); the restart that a hang needs is then left to the next
+        batch, so it is paid from the next M's share of the budget, not past this one's."""
+        if self._stale:
+            self._pool.terminate()
+            self._pool = self._start()
+            self._stale = False
         jobs = [self._pool.apply_async(_compile_one, (c, M)) for c in configs]
-        deadline = time.monotonic() + self._timeout * math.ceil(len(configs) / self._n)
+        wait = self._timeout * math.ceil(len(configs) / self._n)
+        limit = wait if timeout_s is None else max(0.0, min(wait, timeout_s))
+        deadline = time.monotonic() + limit
         reasons: list[str | None] = []
         for job in jobs:
             try:
                 reasons.append(job.get(timeout=max(0.0, deadline - time.monotonic())))
             except mp.TimeoutError:
-                reasons.append(f"compile did not finish within {self._timeout:.0f} s")
+                reasons.append(f"compile did not finish within {limit:.0f} s")
         # A hung compile holds its process, and a CUDA error poisons its context: start afresh.
         if any(r and ("did not finish" in r or "CUDA" in r) for r in reasons):
-            self._pool.terminate()
-            self._pool = self._start()
+            self._stale = True
         return reasons
 
     def close(self) -> None:

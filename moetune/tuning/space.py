@@ -1,9 +1,14 @@
-"""The search space of the six launch knobs, as Optuna sees it.
+"""The search space of the launch knobs, as Optuna sees it.
 
 Power-of-two knobs are searched as their log2 exponents (ordered integers), so TPE learns that 64
 lies between 32 and 128 instead of treating each size as an unrelated category. The space is a
 superset of vLLM's 1,920-config grid: it also holds BLOCK_SIZE_K=32 and GROUP_SIZE_M 2..8, because
 vLLM's default config uses them and every study starts from that default.
+
+Our extra knobs come from kernels/knobs.py's EXTRA_KNOBS, so a knob the kernel gains is searched with
+no change here: integer-valued ones as an ordered index into their values (split-K 1 < 2 < 4), the
+rest as categories. A config carries an extra knob only where it differs from the value that means
+"vLLM's structure", so a six-knob config and the same config with explicit defaults are one config.
 """
 
 from __future__ import annotations
@@ -12,9 +17,11 @@ import itertools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
-from optuna.distributions import IntDistribution
+from optuna.distributions import BaseDistribution, CategoricalDistribution, IntDistribution
 
+from moetune.kernels.knobs import EXTRA_KNOBS
 from moetune.models import MoeShape
 from moetune.tables import KNOBS, Config
 
@@ -29,6 +36,28 @@ LOG2_KNOBS = {
 STAGES = (2, 5)
 # Hopper's wgmma works on 64-row tiles, so BLOCK_SIZE_M=64 can win even when most rows are padding.
 MIN_USEFUL_BLOCK_M = 64
+# Extra-knob values that only make sense up to some M: (knob, value) -> largest M searched.
+EXTRA_MAX_M: dict[tuple[str, Any], int] = {("kernel", "gemv"): 8}  # the GEMV path is for decode batches
+# A thread's fp32 accumulator registers beyond which the tile must spill (255 registers per thread).
+MAX_ACC_REGISTERS = 256
+
+
+def _ordered(values: tuple[Any, ...]) -> bool:
+    """Integer knob values are searched in order (index), so TPE learns 2 lies between 1 and 4."""
+    return all(type(v) is int for v in values)
+
+
+def _extra_param(knob: str) -> str:
+    return f"{knob}_idx" if _ordered(EXTRA_KNOBS[knob][0]) else knob
+
+
+def extra_choices(M: int) -> tuple[tuple[str, tuple[Any, ...]], ...]:
+    """Each extra knob with the values worth searching at M (the vLLM-structure value always kept)."""
+    out = []
+    for knob, (values, default) in EXTRA_KNOBS.items():
+        allowed = tuple(v for v in values if v == default or M <= EXTRA_MAX_M.get((knob, v), M))
+        out.append((knob, allowed))
+    return tuple(out)
 
 
 def _pow2_ceil(n: int) -> int:
@@ -40,28 +69,47 @@ class Space:
     """Inclusive integer ranges of the Optuna parameters for one M."""
 
     ranges: tuple[tuple[str, int, int], ...]
+    extras: tuple[tuple[str, tuple[Any, ...]], ...] = ()  # (knob, values searched); one value: not searched
 
-    def distributions(self) -> dict[str, IntDistribution]:
-        return {name: IntDistribution(lo, hi) for name, lo, hi in self.ranges}
+    def _searched_extras(self) -> list[tuple[str, tuple[Any, ...]]]:
+        return [(knob, values) for knob, values in self.extras if len(values) > 1]
 
-    def grid(self) -> dict[str, list[int]]:
-        return {name: list(range(lo, hi + 1)) for name, lo, hi in self.ranges}
+    def distributions(self) -> dict[str, BaseDistribution]:
+        out: dict[str, BaseDistribution] = {name: IntDistribution(lo, hi) for name, lo, hi in self.ranges}
+        for knob, values in self._searched_extras():
+            if _ordered(values):
+                index = [EXTRA_KNOBS[knob][0].index(v) for v in values]
+                out[_extra_param(knob)] = IntDistribution(min(index), max(index))
+            else:
+                out[knob] = CategoricalDistribution(values)
+        return out
+
+    def grid(self) -> dict[str, list[Any]]:
+        return {
+            name: list(d.choices) if isinstance(d, CategoricalDistribution) else list(range(d.low, d.high + 1))
+            for name, d in self.distributions().items()
+        }
 
     def size(self) -> int:
-        return math.prod(hi - lo + 1 for _, lo, hi in self.ranges)
+        return math.prod(len(values) for values in self.grid().values())
 
     def configs(self) -> list[Config]:
         """Every config of the space, in grid order."""
-        names = [name for name, _, _ in self.ranges]
-        return [to_config(dict(zip(names, values))) for values in itertools.product(*self.grid().values())]
+        grid = self.grid()
+        return [to_config(dict(zip(grid, values))) for values in itertools.product(*grid.values())]
 
-    def params(self, config: Mapping[str, int]) -> dict[str, int]:
+    def params(self, config: Mapping[str, Any]) -> dict[str, Any]:
         """A config (e.g. from an old table or a neighbouring M) moved to the nearest point of this space."""
-        out = {}
+        out: dict[str, Any] = {}
         for name, lo, hi in self.ranges:
             knob = name.removesuffix("_log2")
             value = int(config[knob])
             out[name] = min(hi, max(lo, round(math.log2(value)) if name.endswith("_log2") else value))
+        for knob, values in self._searched_extras():
+            all_values, default = EXTRA_KNOBS[knob]
+            value = config.get(knob, default)
+            value = value if value in values else default
+            out[_extra_param(knob)] = all_values.index(value) if _ordered(values) else value
         return out
 
 
@@ -84,17 +132,35 @@ def space_for(M: int, shape: MoeShape) -> Space:
             hi = max(lo, min(hi, int(math.log2(caps[knob]))))
         ranges.append((name, lo, hi))
     ranges.append(("num_stages", *STAGES))
-    return Space(tuple(ranges))
+    return Space(tuple(ranges), extra_choices(M))
 
 
-def to_config(params: Mapping[str, int]) -> Config:
-    config = {knob: 1 << int(params[name]) for knob, (name, _, _) in LOG2_KNOBS.items()}
+def to_config(params: Mapping[str, Any]) -> Config:
+    """Optuna parameters -> a config: six knobs, plus each extra knob that is not vLLM's structure."""
+    config: Config = {knob: 1 << int(params[name]) for knob, (name, _, _) in LOG2_KNOBS.items()}
     config["num_stages"] = int(params["num_stages"])
-    return {k: config[k] for k in KNOBS}
+    config = {k: config[k] for k in KNOBS}
+    for knob, (values, default) in EXTRA_KNOBS.items():
+        name = _extra_param(knob)
+        if name in params:
+            value = values[int(params[name])] if name != knob else params[name]
+            if value != default:
+                config[knob] = value
+    return config
 
 
-def config_key(config: Mapping[str, int]) -> tuple[int, ...]:
-    return tuple(int(config[k]) for k in KNOBS)
+def canonical(config: Mapping[str, Any]) -> Config:
+    """A config from any source with extra knobs at their vLLM-structure value dropped."""
+    return {k: v for k, v in config.items() if k not in EXTRA_KNOBS or v != EXTRA_KNOBS[k][1]}
+
+
+def config_key(config: Mapping[str, Any]) -> tuple[Any, ...]:
+    """Identity of a config: the six knobs and every extra knob (its default where absent)."""
+    return (*(int(config[k]) for k in KNOBS), *(config.get(k, d) for k, (_, d) in EXTRA_KNOBS.items()))
+
+
+def six_knobs(config: Mapping[str, Any]) -> Config:
+    return {k: int(config[k]) for k in KNOBS}
 
 
 def shared_memory_bytes(config: Mapping[str, int], bytes_per_elem: int) -> int:
@@ -103,11 +169,24 @@ def shared_memory_bytes(config: Mapping[str, int], bytes_per_elem: int) -> int:
     return config["num_stages"] * (bm * bk + bk * bn) * bytes_per_elem
 
 
+def accumulator_registers(config: Mapping[str, int]) -> int:
+    """fp32 accumulator registers per thread: the BLOCK_M x BLOCK_N tile shared by the warps' threads."""
+    return config["BLOCK_SIZE_M"] * config["BLOCK_SIZE_N"] // (32 * config["num_warps"])
+
+
 def predict_infeasible(config: Mapping[str, int], bytes_per_elem: int, smem_limit: int | None) -> str | None:
-    """Why config cannot run, when that is known without compiling it; None when it may run."""
+    """Why config cannot run or cannot win, when that is known without compiling it; None otherwise.
+
+    Only on a GPU (smem_limit known): the interpreter has no such limits. A tile whose accumulator
+    alone needs every register a thread has spills to local memory on every k-step; it compiles, but
+    the same tile with twice the warps holds it in registers, so it never wins and its compile is saved.
+    """
     if smem_limit is None:
         return None
     need = shared_memory_bytes(config, bytes_per_elem)
     if need > smem_limit:
         return f"predicted shared memory {need // 1024} KiB > device limit {smem_limit // 1024} KiB"
+    regs = accumulator_registers(config)
+    if regs >= MAX_ACC_REGISTERS:
+        return f"predicted spill: the accumulator alone needs {regs} registers per thread (limit 255)"
     return None

@@ -1,14 +1,20 @@
 """The tuner: one Optuna study per (table, M), screened cheaply, then the finalists re-timed.
 
-For each token count M, in order:
+The anchors (every other M, and the largest) go first with the full trial budget; the M between
+two finished anchors then start from both neighbours' best configs and get a lighter budget.
+For each token count M:
   1. open the study `<table stem>/M=<M>` (its trials survive a kill in the journal or database),
-  2. enqueue warm starts: vLLM's default, the finished neighbouring M's winners, the old table's entry,
+  2. enqueue warm starts: the old table's entry, the finished neighbouring M's best configs, the
+     built-in Hopper priors, vLLM's default,
   3. screen: TPE asks a batch, the batch is compiled together, each config is verified against the
      reference and timed with few reps; configs that cannot run get a penalty value so TPE learns,
-  4. stop at the trial budget, the time budget, or when the best stops improving,
-  5. re-time the few best and the default with many reps (winner's curse), verify the winner again,
+  4. stop at the trial budget, the M's share of the time budget, or when the best stops improving,
+  5. re-time the few best, the best prior and the default together (winner's curse), verify again,
   6. record the result in the study, then write the table and its sidecar atomically.
-An M whose study holds a final result is never redone.
+The time budget is hard: each M gets a share of what is left, weighted by its cost, with a part kept
+for its finalists. An M whose screening the budget cut short is marked incomplete (it still gets the
+best config found, or its first warm start) and `--resume` continues it; any other M whose study
+holds a final result is never redone.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import queue
 import shutil
+import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -29,8 +36,18 @@ from tqdm import tqdm
 
 import moetune
 from moetune.errors import MoetuneError
+from moetune.kernels.knobs import EXTRA_KNOBS
 from moetune.models import MoeShape
-from moetune.tables import KNOBS, Config, atomic_write_text, default_config, load_sidecar, load_table, save_table
+from moetune.tables import (
+    KNOBS,
+    Config,
+    atomic_write_text,
+    default_config,
+    load_sidecar,
+    load_table,
+    save_table,
+    search_folders,
+)
 from moetune.tuning.bench import Bench, DeviceBroken
 from moetune.tuning.space import Space, space_for, to_config
 from moetune.tuning.study import (
@@ -38,14 +55,19 @@ from moetune.tuning.study import (
     BenchFactory,
     Settings,
     budget,
+    fallback_entry,
     finalize,
+    make_pruner,
     make_sampler,
     open_storage,
     recover_stale,
     screen,
+    screened_count,
     trial_counts,
     warm_starts,
 )
+
+WRITE_RESERVE_S = 2.0  # of the time budget, kept for the last table, sidecar and trials file writes
 
 
 @dataclass
@@ -74,6 +96,7 @@ class TableJob:
 class TableResult:
     done: dict[int, dict] = field(default_factory=dict)  # M -> sidecar entry, this run or resumed
     resumed: list[int] = field(default_factory=list)
+    incomplete: list[int] = field(default_factory=list)  # cut short by the time budget; --resume continues them
     failed: dict[int, str] = field(default_factory=dict)
     interrupted: bool = False
     wall_time_s: float = 0.0
@@ -93,10 +116,11 @@ def _worker_main(rank: int, factory: BenchFactory, storage_spec: str, settings: 
     storage = open_storage(storage_spec)
     try:
         while (job := jobs.get()) is not None:
-            name, M, space, deadline = job
-            study = optuna.load_study(study_name=name, storage=storage, sampler=make_sampler(settings, space, M, rank))
+            name, M, space, deadline, n_max = job
+            study = optuna.load_study(study_name=name, storage=storage, sampler=make_sampler(settings, space, M, rank),
+                                      pruner=make_pruner(settings))  # fmt: skip
             try:
-                screen(study, bench, M, space, settings, deadline)
+                screen(study, bench, M, space, settings, deadline, n_max=n_max)
                 done.put((rank, None))
             except DeviceBroken as e:
                 done.put((rank, f"GPU {rank} stopped: {e}"))
@@ -121,10 +145,10 @@ class Workers:
         for p in self._procs:
             p.start()
 
-    def start(self, study_name: str, M: int, space: Space, deadline: float | None) -> None:
+    def start(self, study_name: str, M: int, space: Space, deadline: float | None, n_max: int) -> None:
         for q, p in zip(self._jobs, self._procs):
             if p.is_alive():
-                q.put((study_name, M, space, deadline))
+                q.put((study_name, M, space, deadline, n_max))
 
     def wait(self) -> list[str]:
         """Block until every live worker finished the current M; returns their problems."""
@@ -156,7 +180,7 @@ class Workers:
 
 
 def _finals(storage: BaseStorage, job: TableJob) -> dict[int, dict]:
-    """The M this run already finished, as recorded in their studies."""
+    """The M this run already finished (or cut short: "incomplete"), as recorded in their studies."""
     names = set(optuna.get_all_study_names(storage))
     finals = {}
     for M in job.Ms:
@@ -165,6 +189,31 @@ def _finals(storage: BaseStorage, job: TableJob) -> dict[int, dict]:
             if "final" in attrs:
                 finals[M] = attrs["final"]
     return finals
+
+
+def _previous_table(job: TableJob) -> dict[int, Config]:
+    """The last table for this GPU and layer: the one being rewritten, else one found where tables are
+    looked for (e.g. the one shipped with moetune); its entries are where each study starts."""
+    for path in [job.path, *(folder / job.path.name for folder in search_folders())]:
+        if path.is_file():
+            return load_table(path)
+    return {}
+
+
+def tuning_order(Ms: list[int], anchors: bool) -> list[tuple[int, bool]]:
+    """(M, is an anchor) in the order to tune: every other M and the largest first, then the rest,
+    each of which then starts from finished neighbours on both sides."""
+    Ms = sorted(Ms)
+    if not anchors or len(Ms) < 3:
+        return [(M, True) for M in Ms]
+    main = set(Ms[::2]) | {Ms[-1]}
+    return [(M, True) for M in Ms if M in main] + [(M, False) for M in Ms if M not in main]
+
+
+def cost_weight(M: int, anchor: bool, settings: Settings) -> float:
+    """Share of the time budget: a trial at large M times a longer kernel (about linear in M past
+    a few hundred tokens, on top of the compile and verify every trial pays)."""
+    return (1.0 + M / 512) * (1.0 if anchor else settings.light_fraction)
 
 
 def _check_fresh(storage: BaseStorage, job: TableJob) -> None:
@@ -189,13 +238,14 @@ def _sidecar(job: TableJob, entries: Mapping[int, dict], meaningful: bool, setti
         "shape": {"E": job.shape.E, "N": job.shape.N, "K": job.shape.K, "top_k": job.shape.top_k, "tp": job.tp},
         "versions": {"torch": torch.__version__, "triton": triton.__version__, "moetune": moetune.__version__},
         "wall_time_s": round(sum(e.get("wall_time_s", 0.0) for e in entries.values()), 1),
-        "entries": {str(M): entries[M] for M in sorted(entries)},
+        "entries": {str(M): {k: v for k, v in entries[M].items() if k != "top"} for M in sorted(entries)},
         "sampler": settings.sampler,
         "studies": f"{job.stem}/M=<M>",
     }
 
 
-TRIAL_COLUMNS = ["M", "trial", "state", *KNOBS, "us", "infeasible", "rel_err", "repeat_of", "warm_start", "duration_s"]
+TRIAL_COLUMNS = ["M", "trial", "state", *KNOBS, *EXTRA_KNOBS, "us", "screen_us", "infeasible", "rel_err", "repeat_of",
+                 "warm_start", "duration_s"]  # fmt: skip
 
 
 def write_trials_csv(storage: BaseStorage, job: TableJob, path: Path) -> pd.DataFrame:
@@ -206,11 +256,14 @@ def write_trials_csv(storage: BaseStorage, job: TableJob, path: Path) -> pd.Data
         if job.study_name(M) not in names:
             continue
         for t in optuna.load_study(study_name=job.study_name(M), storage=storage).get_trials(deepcopy=False):
-            config = to_config(t.params) if len(t.params) == len(KNOBS) else {}
+            complete = t.params and len(t.params) == len(t.distributions)  # a trial killed mid-ask has fewer
+            config = to_config(t.params) if complete else {}
             a = t.user_attrs
             rows.append({
                 "M": M, "trial": t.number, "state": t.state.name, **{k: config.get(k) for k in KNOBS},
-                "us": a.get("us"), "infeasible": a.get("infeasible"), "rel_err": a.get("rel_err"),
+                **{k: config.get(k, d) if config else None for k, (_, d) in EXTRA_KNOBS.items()},
+                "us": a.get("us"), "screen_us": a.get("screen_us"), "infeasible": a.get("infeasible"),
+                "rel_err": a.get("rel_err"),
                 "repeat_of": a.get("repeat_of"), "warm_start": a.get("warm_start"),
                 "duration_s": t.duration.total_seconds() if t.duration else None,
             })  # fmt: skip
@@ -257,7 +310,10 @@ def tune_table(job: TableJob, settings: Settings, factory: BenchFactory, *, work
                trials_csv: Path | None = None) -> TableResult:  # fmt: skip
     """Tune every M of job.Ms into job.path. Ctrl-C returns what finished (interrupted=True)."""
     t0 = time.time()
-    storage = open_storage(job.storage)
+    end = None
+    if settings.time_budget_s is not None:
+        end = t0 + settings.time_budget_s - min(WRITE_RESERVE_S, 0.02 * settings.time_budget_s)
+    storage = open_storage(job.storage, on_repair=lambda message: tqdm.write(f"warning: {message}", file=sys.stderr))
     _check_fresh(storage, job)
     old_table = load_table(job.path) if job.path.exists() else {}
     old_sidecar = load_sidecar(job.path) if job.path.exists() else None
@@ -265,32 +321,41 @@ def tune_table(job: TableJob, settings: Settings, factory: BenchFactory, *, work
     configs: dict[int, Config] = dict(old_table)
     for M, config in old_table.items():  # keep the sidecar's entries in step with the table's keys
         entries.setdefault(M, {"config": config, "note": "kept from the existing table"})
+    prior_table = old_table or _previous_table(job)
 
     result = TableResult()
     for M, entry in _finals(storage, job).items():  # resumed: the journal, not the table, is the truth
-        result.done[M] = entries[M] = entry
-        configs[M] = entry["config"]
-        result.resumed.append(M)
-    todo = [M for M in job.Ms if M not in result.done]
+        entries[M] = entry
+        configs[M] = _table_config(entry)
+        if not entry.get("incomplete"):
+            result.done[M] = entry
+            result.resumed.append(M)
+    order = [(M, anchor) for M, anchor in tuning_order(job.Ms, settings.anchors) if M not in result.done]
+    n_max = {M: _trial_budget(settings, space_for(M, job.shape), anchor) for M, anchor in order}
 
     bench = factory()
-    pool = Workers(workers, factory, job.storage, settings) if workers > 1 and todo else None
+    pool = Workers(workers, factory, job.storage, settings) if workers > 1 and order else None
     if result.resumed:
         save_table(job.path, configs, _sidecar(job, entries, bench.timings_meaningful, settings))
-    progress = _Progress(job, {M: budget(settings, space_for(M, job.shape)) for M in todo}) if todo else None
+    progress = _Progress(job, n_max) if order else None
     try:
-        for i, M in enumerate(todo):
-            deadline = None
-            if settings.time_budget_s is not None:  # what is left, shared evenly: early plateaus roll over
-                deadline = time.time() + (settings.time_budget_s - (time.time() - t0)) / (len(todo) - i)
-            finals = {m: e["config"] for m, e in result.done.items()}
-            entry = _tune_m(job, settings, storage, bench, pool, M, finals, old_table, deadline, progress)
+        for i, (M, _) in enumerate(order):
+            slice_end = None
+            if end is not None:  # what is left, shared by cost: early plateaus roll over to the rest
+                weights = [cost_weight(m, a, settings) for m, a in order[i:]]
+                slice_end = time.time() + max(0.0, end - time.time()) * weights[0] / sum(weights)
+            tops = {m: e.get("top") or [e["config"], _table_config(e)] for m, e in result.done.items()}
+            entry = _tune_m(job, settings, storage, bench, pool, M, tops, prior_table, slice_end, n_max[M], progress)
             progress.next_m(M)
             if entry is None:
                 result.failed[M] = "no config ran correctly (see the trials file for each reason)"
                 continue
-            result.done[M] = entries[M] = entry
-            configs[M] = entry["config"]
+            entries[M] = entry
+            if not entry.get("incomplete"):
+                result.done[M] = entry
+            else:
+                result.incomplete.append(M)
+            configs[M] = _table_config(entry)
             save_table(job.path, configs, _sidecar(job, entries, bench.timings_meaningful, settings))
             if trials_csv:
                 write_trials_csv(storage, job, trials_csv)
@@ -314,32 +379,56 @@ def tune_table(job: TableJob, settings: Settings, factory: BenchFactory, *, work
     return result
 
 
+def _table_config(entry: Mapping[str, Any]) -> Config:
+    """What the vLLM-format table holds for an entry: its best config with vLLM's structure."""
+    return entry.get("vllm_config") or entry["config"]
+
+
+def _trial_budget(settings: Settings, space: Space, anchor: bool) -> int:
+    n = budget(settings, space)
+    return n if anchor or settings.sampler == "grid" else max(1, round(n * settings.light_fraction))
+
+
 def _tune_m(job: TableJob, settings: Settings, storage: BaseStorage, bench: Bench, pool: Workers | None, M: int,
-            finals: Mapping[int, Config], old_table: Mapping[int, Config], deadline: float | None,
+            tops: Mapping[int, list[Config]], old_table: Mapping[int, Config], slice_end: float | None, n_max: int,
             progress: _Progress) -> dict | None:  # fmt: skip
     t0 = time.time()
     space = space_for(M, job.shape)
     study = optuna.create_study(
         storage=storage, study_name=job.study_name(M), sampler=make_sampler(settings, space, M, 0),
-        direction="minimize", load_if_exists=True,
+        pruner=make_pruner(settings), direction="minimize", load_if_exists=True,
     )  # fmt: skip
+    final = study.user_attrs.get("final")
+    if final is not None and not final.get("incomplete"):  # another host sharing this RDB study finished it
+        return final
     if "M" not in study.user_attrs:  # what the study is, for whoever opens it in optuna-dashboard
         for key, value in dict(M=M, table=job.path.name, model=job.model, dtype=job.dtype, device=job.device,
                                unit="µs (median, whole layer)", penalty_us=PENALTY_US).items():  # fmt: skip
             study.set_user_attr(key, value)
-    recover_stale(study)
+    recover_stale(study, exclusive="://" not in job.storage)
+    starts = warm_starts(M, job.shape.E, job.dtype, tops, old_table, settings.neighbour_top)
     if settings.sampler != "grid":  # the grid holds them anyway; enqueued extras would eat its budget
-        for source, config in warm_starts(M, job.shape.E, finals, old_table):
+        for source, config in starts:
             study.enqueue_trial(space.params(config), user_attrs={"warm_start": source}, skip_if_exists=True)
 
+    screen_end = None
+    if slice_end is not None:
+        screen_end = slice_end - settings.finalize_share * max(0.0, slice_end - t0)
     if pool:
-        pool.start(job.study_name(M), M, space, deadline)
-    screen(study, bench, M, space, settings, deadline, on_trial=lambda: progress.update(study, M))
+        pool.start(job.study_name(M), M, space, screen_end, n_max)
+    screen(study, bench, M, space, settings, screen_end, on_trial=lambda: progress.update(study, M), n_max=n_max)
     for problem in pool.wait() if pool else []:  # the others finish their trials in flight
         tqdm.write(f"warning: {problem}")
 
-    entry = finalize(study, bench, M, default_config(M, job.shape.E), settings)
+    screened = screened_count(study)
+    entry = None
+    if screened:
+        entry = finalize(study, bench, M, default_config(M, job.shape.E), settings, slice_end)
+    elif slice_end is not None:
+        entry = fallback_entry(starts, space, "the time budget ran out before its screening began")
     if entry is not None:
+        if screened < min(settings.min_screen, n_max):
+            entry["incomplete"] = True  # --resume continues its study
         entry["wall_time_s"] = round(time.time() - t0, 1)
         study.set_user_attr("final", entry)  # first the journal, then the table: a kill in between is healed on resume
     return entry
