@@ -1,7 +1,7 @@
 """`moetune bench`: time the whole MoE layer (routing through the top-k sum) per token count M, with
 the default config and with a table's config, against the roofline floor measured in the same run.
 
-    floor(M) = max(bytes of the experts actually touched / copy bandwidth, FLOPs / matmul peak)
+    floor(M) = max(bytes of the experts actually touched / read bandwidth, FLOPs / matmul peak)
 
 Timings are CUDA-graph replays after warm-up, median of many. Inputs are random, never zeros.
 The tuner's finalists are timed by the same KernelBench.time, so a sidecar's tuned_us and this
@@ -142,7 +142,7 @@ def bench_main(args: argparse.Namespace) -> int:
     if against is not None:
         print(f"against: {against.path} (its configs on our kernel; ratio = against_us / table_us, >= 1 is a win)")
     if on_gpu():
-        print(f"device: {torch.cuda.get_device_name()}; measured {ceilings.bandwidth / 1e12:.2f} TB/s copy, "
+        print(f"device: {torch.cuda.get_device_name()}; measured {ceilings.bandwidth / 1e12:.2f} TB/s read, "
               f"{ceilings.matmul_flops / 1e12:.0f} TFLOP/s {dtype} matmul")  # fmt: skip
     else:
         print("CPU (Triton interpreter): timings and floors are meaningless; this only proves the pipeline runs")

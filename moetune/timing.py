@@ -73,7 +73,8 @@ def median_us(fn: Callable[[], object], *, reps: int, warmup: int, cuda: bool) -
 
 @dataclass(frozen=True)
 class Ceilings:
-    """What this GPU reaches right now: copy bandwidth (bytes/s) and dense matmul rate (FLOP/s)."""
+    """What this GPU reaches right now: read bandwidth (bytes/s; the MoE layer streams its weights, it
+    does not copy them) and dense matmul rate (FLOP/s)."""
 
     bandwidth: float
     matmul_flops: float
@@ -83,13 +84,12 @@ class Ceilings:
 
 
 def measure_ceilings(dtype: str) -> Ceilings:
-    """Device-to-device copy bandwidth and the matmul peak for dtype, on random data (never zeros)."""
+    """Read bandwidth (a sum over 512 MiB of bf16) and the matmul peak for dtype, on random data (never zeros)."""
     n = 1 << 28  # 512 MiB of bf16: far beyond L2
     src = torch.randn(n, device="cuda", dtype=torch.bfloat16)
-    dst = torch.empty_like(src)
-    copy_us = time_us(lambda: dst.copy_(src), reps=10, inner=2)
-    bandwidth = 2 * src.numel() * src.element_size() / (copy_us * 1e-6)
-    src = dst = None  # free 1 GiB before the matmul
+    read_us = time_us(lambda: src.sum(dtype=torch.float32), reps=10, inner=2)
+    bandwidth = src.numel() * src.element_size() / (read_us * 1e-6)
+    src = None  # free it before the matmul
 
     size = 8192
     a = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
