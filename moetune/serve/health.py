@@ -2,8 +2,10 @@
 
 A table can pass its JSON schema and still break the kernel (`"BLOCK_SIZE_M": 16.0` equals 16 for the
 schema but is a float to Triton; a sidecar entry can lack a knob). So before the weights load, run the fused
-kernel once with the config every decode batch bucket picks, on random weights of the served shape, and
-compare it with the float32 reference. The first failure stops start-up with one line naming the file and M.
+kernel once with the config every decode batch bucket and every table entry a prefill can reach picks, on
+random weights of the served shape, and compare it with the float32 reference. The first failure stops
+start-up with one line naming the file and M. It also compiles every config before the first request:
+measured on an H100, a first wave of 64 requests otherwise waited 5.8 s (p50) for its first token.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ def _source(table: ConfigTable, M: int) -> str:
 
 
 def check_moe_table(config: EngineConfig) -> None:
-    """Raise MoetuneError naming the file and M if any decode bucket's config fails or computes garbage."""
+    """Raise MoetuneError naming the file and M if any config the server can pick fails or computes garbage."""
     cfg, spec = resolve(config)
     if cfg.moe_backend != "triton":
         return
@@ -68,7 +70,8 @@ def _run_buckets(cfg: EngineConfig, spec: ModelSpec, N: int, table: ConfigTable)
     if expert == torch.float8_e4m3fn:
         (w13, s13), (w2, s2) = quantize_fp8_per_expert(w13), quantize_fp8_per_expert(w2)
     t0 = time.perf_counter()
-    buckets = decode_buckets(cfg.max_num_seqs)
+    prefill = {m for m in table.configs if m <= cfg.max_num_batched_tokens}
+    buckets = sorted(set(decode_buckets(cfg.max_num_seqs)) | prefill)
     for M in buckets:
         x = torch.randn(M, H, generator=g, device=dev, dtype=act)
         logits = torch.randn(M, E, generator=g, device=dev, dtype=torch.float32)
@@ -84,5 +87,5 @@ def _run_buckets(cfg: EngineConfig, spec: ModelSpec, N: int, table: ConfigTable)
         if not err < TOLERANCE:
             raise MoetuneError(f"{_source(table, M)}: M={M}: config {conf} computes wrong results "
                                f"(relative error {err:.3g} against the reference)")  # fmt: skip
-    log.info("MoE table %s: decode buckets %s run and match the reference (%.1f s)",
+    log.info("MoE table %s: token counts %s run and match the reference (%.1f s)",
              table.path, buckets, time.perf_counter() - t0)  # fmt: skip
