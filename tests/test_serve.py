@@ -560,6 +560,7 @@ def test_compare_with_table_reports_speedup_and_writes_json_and_csv(tmp_path):
     assert p["max_abs_logit_diff"] == pytest.approx(1e-3, rel=1e-3) and p["steps"] == 4 and p["tolerance"] > 0.02
     assert p["noise_floor"] == pytest.approx(2e-4, rel=1e-3) and p["tolerance"] == p["rtol_floor"]  # tiny noise
     text = cmp.report(r)
+    assert "cannot tell a wrong config" not in text
     assert "tuned table: E=4,N=96.json" in text and "MEANINGLESS" not in text.split("\n")[0]
     jpath, cpath = cmp.save(r, tmp_path)
     assert json.loads(jpath.read_text())["decode"][0]["batch"] == 1
@@ -592,6 +593,7 @@ def test_compare_tolerance_follows_the_measured_noise_floor():
     assert p["tolerance"] > p["rtol_floor"] and r["parity_rule"]["noise_factor"] == cmp.NOISE_FACTOR
     text = cmp.report(r)
     assert "MATCH: max |Δlogit| 1.5 (tol 3, noise floor 1," in text and "noise floor = default vs default" in text
+    assert "cannot tell a wrong config from rounding" in text  # tol 3 against logits of about 4.5
     assert json.loads(json.dumps(r, default=str))["parity"][0]["noise_floor"] == pytest.approx(1.0, rel=1e-3)
     r = cmp.compare(FakeEngine(drift=1.5, noise=0.1), W)
     assert r["parity"][0]["verdict"] == "MISMATCH" and "MISMATCH: max |Δlogit| 1.5" in cmp.report(r)
