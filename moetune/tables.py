@@ -6,6 +6,7 @@ vLLM and SGLang load our files unchanged; anything richer lives in a sidecar bes
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -97,6 +98,14 @@ def default_config(M: int, E: int) -> Config:
 
 
 # ----------------------------------------------------------------------------------------------- schema
+
+
+def perturb_block_k(config: Config) -> Config:
+    """The same config summing K in another order: BLOCK_SIZE_K halved (doubled at 32), so it stays in
+    {32, 64, 128, 256}. BLOCK_SIZE_K only tiles the reduction, so the result is equal up to rounding: the
+    measured drift between a config and this one is the noise floor of two correct configs."""
+    k = config["BLOCK_SIZE_K"]
+    return {**config, "BLOCK_SIZE_K": k * 2 if k <= 32 else k // 2}
 
 
 def data_dir(name: str) -> Path:
@@ -287,12 +296,19 @@ class ConfigTable:
     configs: dict[int, Config]
     path: Path | None = None
     ours: dict[int, dict[str, Any]] = field(default_factory=dict)
+    perturb_k: bool = False  # every pick with BLOCK_SIZE_K changed (perturb_block_k): a correct twin table
 
     def pick(self, M: int) -> dict[str, Any]:
         if not self.configs:
-            return default_config(M, self.E)
-        m = nearest(self.configs, M)
-        return self.ours.get(m, self.configs[m])
+            config = default_config(M, self.E)
+        else:
+            m = nearest(self.configs, M)
+            config = self.ours.get(m, self.configs[m])
+        return perturb_block_k(config) if self.perturb_k else config
+
+    def perturbed(self) -> ConfigTable:
+        """This table with BLOCK_SIZE_K changed in every config: numerically equivalent, rounds otherwise."""
+        return dataclasses.replace(self, perturb_k=True)
 
     @classmethod
     def load(cls, path: Path, E: int) -> ConfigTable:

@@ -8,6 +8,7 @@ import torch
 from conftest import tiny_engine_config
 
 from moetune import tables
+from moetune.errors import MoetuneError
 from moetune.runtime import LLMEngine
 from moetune.runtime.model_runner import ModelRunner
 from moetune.serve import compare as cmp
@@ -37,28 +38,43 @@ def test_teacher_forced_decode_logits_equal_prefill_logits(engine):
     assert engine.scheduler.block_manager.num_free == engine.runner.num_kv_blocks
 
 
-def test_two_correct_configs_match_within_tolerance(engine):
+def test_perturbed_default_changes_only_block_size_k(engine):
+    default = tables.ConfigTable.untuned(4)
+    for M in (1, 4, 5, 256):
+        a, b = default.pick(M), default.perturbed().pick(M)
+        assert {**a, "BLOCK_SIZE_K": b["BLOCK_SIZE_K"]} == b and b["BLOCK_SIZE_K"] in (32, 64, 128, 256)
+        assert b["BLOCK_SIZE_K"] != a["BLOCK_SIZE_K"]
+    with pytest.raises(MoetuneError, match="unknown MoE table"):
+        engine.use_tables("fastest")
+
+
+def test_two_correct_configs_match_within_tolerance_and_the_noise_floor_is_measured(engine):
     r = cmp.compare(engine, W)
     p = r["parity"][0]
     assert p["verdict"] == "MATCH" and p["steps"] == 3 and p["max_abs_logit_diff"] <= p["tolerance"]
-    assert "MATCH" in cmp.report(r)
+    assert p["noise_floor"] > 0  # BLOCK_SIZE_K alone moves fp16 logits: the runs really used other configs
+    assert p["tolerance"] == max(p["rtol_floor"], cmp.NOISE_FACTOR * p["noise_floor"])
+    assert engine.moe_table_path is not None  # compare() leaves the tuned table on, for serving
+    text = cmp.report(r)
+    assert "parity prompt 0: MATCH" in text and f"noise floor {p['noise_floor']:.3g}" in text
 
 
 def test_a_wrong_expert_on_the_tuned_side_is_caught(engine, monkeypatch):
     moe = engine.runner.model.model.layers[0].block_sparse_moe
-    real = ModelRunner.use_tuned_tables
+    real = ModelRunner.use_tables
     good = moe.w13.data.clone()
 
-    def swap_experts_when_tuned(self, tuned: bool) -> None:  # a "config" that reads expert 1's weights for 0
+    def swap_experts_when_tuned(self, which: str) -> None:  # a "config" that reads expert 1's weights for 0
         moe.w13.data.copy_(good)
-        if tuned:
+        if which == "tuned":
             moe.w13.data[0] = good[1]
-        real(self, tuned)
+        real(self, which)
 
-    monkeypatch.setattr(ModelRunner, "use_tuned_tables", swap_experts_when_tuned)
+    monkeypatch.setattr(ModelRunner, "use_tables", swap_experts_when_tuned)
     try:
         r = cmp.compare(engine, W)
     finally:
         moe.w13.data.copy_(good)
     p = r["parity"][0]
     assert p["verdict"] == "MISMATCH" and p["max_abs_logit_diff"] > 5 * p["tolerance"]
+    assert p["max_abs_logit_diff"] > 100 * p["noise_floor"] > 0  # far above two correct configs' drift

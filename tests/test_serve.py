@@ -49,14 +49,14 @@ A = ord("a") + 3  # the fake writes "abcdefgh..." for every request
 
 class FakeEngine:
     def __init__(self, max_model_len: int = 64, delay: float = 0.0, table: str | None = "E=4,N=96.json",
-                 diverge_at: int | None = None, drift: float = 1e-3) -> None:
+                 diverge_at: int | None = None, drift: float = 1e-3, noise: float = 2e-4) -> None:
         self.config = SimpleNamespace(model="fake", max_model_len=max_model_len, dtype="bf16", device="cpu",
                                       max_num_seqs=8)
         self.spec = SimpleNamespace(name="fake", vocab_size=32000)
         self.tokenizer = FakeTokenizer()
-        self.delay, self.table, self.diverge_at, self.drift = delay, table, diverge_at, drift
+        self.delay, self.table, self.diverge_at, self.drift, self.noise = delay, table, diverge_at, drift, noise
         self.reqs: dict[int, list] = {}
-        self.next_id, self.aborted, self.threads, self.tuned = 0, [], set(), True
+        self.next_id, self.aborted, self.threads, self.tuned, self.which = 0, [], set(), True, "tuned"
         self.fail_next_step = self.broken = False
 
     # -- serving API
@@ -102,8 +102,8 @@ class FakeEngine:
     def moe_table_path(self):
         return self.table if self.tuned else None
 
-    def use_tuned_tables(self, tuned: bool) -> None:
-        self.tuned = tuned
+    def use_tables(self, which: str) -> None:
+        self.which, self.tuned = which, which == "tuned"
 
     def decode_step_time_us(self, batch_size: int, context_len: int, steps: int) -> float:
         return 1000.0 + batch_size * (5.0 if self.tuned and self.table else 10.0)
@@ -116,7 +116,8 @@ class FakeEngine:
 
     def teacher_forced_logits(self, prompt: list[int], forced: list[int]) -> torch.Tensor:
         g = torch.Generator().manual_seed(len(prompt))
-        return torch.randn(len(forced), 2000, generator=g) + (self.drift if self.tuned else 0.0)
+        shift = {"tuned": self.drift, "default": 0.0, "default-perturbed": self.noise}[self.which]
+        return torch.randn(len(forced), 2000, generator=g) + shift
 
 
 @pytest.fixture
@@ -557,7 +558,9 @@ def test_compare_with_table_reports_speedup_and_writes_json_and_csv(tmp_path):
     p = r["parity"][0]
     assert all(p["greedy_identical"] and p["verdict"] == "MATCH" for p in r["parity"])
     assert p["max_abs_logit_diff"] == pytest.approx(1e-3, rel=1e-3) and p["steps"] == 4 and p["tolerance"] > 0.02
+    assert p["noise_floor"] == pytest.approx(2e-4, rel=1e-3) and p["tolerance"] == p["rtol_floor"]  # tiny noise
     text = cmp.report(r)
+    assert "cannot tell a wrong config" not in text
     assert "tuned table: E=4,N=96.json" in text and "MEANINGLESS" not in text.split("\n")[0]
     jpath, cpath = cmp.save(r, tmp_path)
     assert json.loads(jpath.read_text())["decode"][0]["batch"] == 1
@@ -579,6 +582,21 @@ def test_compare_verdict_comes_from_logits_and_greedy_tokens_are_information():
     r = cmp.compare(FakeEngine(drift=1.0), W)  # logits moved far more than rounding can, same greedy tokens
     assert r["parity"][0]["verdict"] == "MISMATCH" and r["parity"][0]["greedy_identical"]
     assert "MISMATCH: max |Δlogit| 1" in cmp.report(r)
+
+
+def test_compare_tolerance_follows_the_measured_noise_floor():
+    """Two correct tables drifting far beyond the rtol floor pass when default vs default-perturbed drifts as
+    much; the same drift with a quiet noise floor is a MISMATCH. Both numbers are reported."""
+    r = cmp.compare(FakeEngine(drift=1.5, noise=1.0), W)  # fp8-like: rounding noise amplified over the layers
+    p = r["parity"][0]
+    assert p["verdict"] == "MATCH" and p["tolerance"] == pytest.approx(cmp.NOISE_FACTOR * 1.0, rel=1e-3)
+    assert p["tolerance"] > p["rtol_floor"] and r["parity_rule"]["noise_factor"] == cmp.NOISE_FACTOR
+    text = cmp.report(r)
+    assert "MATCH: max |Δlogit| 1.5 (tol 3, noise floor 1," in text and "noise floor = default vs default" in text
+    assert "cannot tell a wrong config from rounding" in text  # tol 3 against logits of about 4.5
+    assert json.loads(json.dumps(r, default=str))["parity"][0]["noise_floor"] == pytest.approx(1.0, rel=1e-3)
+    r = cmp.compare(FakeEngine(drift=1.5, noise=0.1), W)
+    assert r["parity"][0]["verdict"] == "MISMATCH" and "MISMATCH: max |Δlogit| 1.5" in cmp.report(r)
 
 
 def test_workload_that_does_not_fit_fails_early():

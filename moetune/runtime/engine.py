@@ -69,11 +69,19 @@ class LLMEngine:
         """The table file every MoE layer reads now; None = vLLM's untuned default."""
         return self.runner.tables.active.path  # rank 0's; every rank reads the table for the same shard
 
+    def use_tables(self, which: str) -> None:
+        """Switch every MoE layer to the "tuned" table, the untuned "default", or "default-perturbed" (the
+        default with BLOCK_SIZE_K changed: equal up to rounding, for the parity check's noise floor).
+        Re-captures the decode graphs (each bakes in its batch size's config); weights and KV cache stay."""
+        if which not in layers.TABLE_CHOICES:  # before any rank switches
+            raise MoetuneError(f"unknown MoE table {which!r}; choose one of {', '.join(layers.TABLE_CHOICES)}")
+        self._call("use_tables", which)
+        perturbed = ", BLOCK_SIZE_K perturbed" if which == "default-perturbed" else ""
+        log.info("MoE configs: %s", self.moe_table_path or f"untuned default{perturbed}")
+
     def use_tuned_tables(self, tuned: bool) -> None:
-        """Switch every MoE layer to the tuned table or the untuned default; re-captures the decode graphs
-        (each bakes in its batch size's config). Weights and the KV cache stay as they are."""
-        self._call("use_tuned_tables", tuned)
-        log.info("MoE configs: %s", self.moe_table_path or "untuned default")
+        """use_tables("tuned") or use_tables("default")."""
+        self.use_tables("tuned" if tuned else "default")
 
     def _call(self, method: str, *args: Any) -> Any:
         """runner.method(*args): on this process alone, or on every rank in lockstep (only rank 0's result)."""

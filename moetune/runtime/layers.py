@@ -183,17 +183,32 @@ class Attention(nn.Module):
         return out
 
 
+# Which table the MoE layers read: the tuned one, vLLM's default, or the default with BLOCK_SIZE_K changed
+# (numerically equivalent, rounds otherwise: the parity check's noise floor). Every rank derives its own.
+TABLE_CHOICES = ("tuned", "default", "default-perturbed")
+
+
 @dataclass
 class MoeTables:
     """The config tables every MoE layer reads; one shared object, so one switch flips all layers."""
 
     tuned: ConfigTable
     untuned: ConfigTable
-    use_tuned: bool = True
+    which: str = "tuned"  # one of TABLE_CHOICES
+
+    def __post_init__(self) -> None:
+        self.select(self.which)
+
+    def select(self, which: str) -> None:
+        if which not in TABLE_CHOICES:
+            raise MoetuneError(f"unknown MoE table {which!r}; choose one of {', '.join(TABLE_CHOICES)}")
+        self.which = which
 
     @property
     def active(self) -> ConfigTable:
-        return self.tuned if self.use_tuned else self.untuned
+        if self.which == "tuned":
+            return self.tuned
+        return self.untuned.perturbed() if self.which == "default-perturbed" else self.untuned
 
 
 @dataclass(frozen=True)

@@ -45,7 +45,7 @@ def moe_tables(cfg: EngineConfig, spec: ModelSpec) -> MoeTables:
         device=CPU_DEVICE_NAME if cfg.device == "cpu" else None,
         folders=[cfg.tuned_configs] if cfg.tuned_configs else [],
     )
-    return MoeTables(tuned, ConfigTable.untuned(spec.num_experts), cfg.use_tuned_tables)
+    return MoeTables(tuned, ConfigTable.untuned(spec.num_experts), "tuned" if cfg.use_tuned_tables else "default")
 
 
 class ModelRunner:
@@ -269,10 +269,14 @@ class ModelRunner:
         finally:
             reset_context()
 
-    def use_tuned_tables(self, tuned: bool) -> None:
-        self.tables.use_tuned = tuned
+    def use_tables(self, which: str) -> None:
+        """Switch every MoE layer to one of TABLE_CHOICES; each rank derives the table from its own shard."""
+        self.tables.select(which)
         if self.use_graphs:
             self.capture_graphs()  # each graph bakes in the config its batch size picks
+
+    def use_tuned_tables(self, tuned: bool) -> None:
+        self.use_tables("tuned" if tuned else "default")
 
     @torch.inference_mode()
     def capture_graphs(self) -> None:
