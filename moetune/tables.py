@@ -210,7 +210,7 @@ def load_sidecar(table_path: str | os.PathLike) -> dict | None:
         for key in ("config", "vllm_config"):
             if key in entry:
                 try:
-                    check_config(entry[key], f"{path}: M={M} {key}")
+                    check_config(entry[key], f"{path}: M={M}: {key}")
                 except MoetuneError as e:
                     raise TableError(str(e)) from None
     return obj

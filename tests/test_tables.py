@@ -181,9 +181,9 @@ def _sidecar(path, **entry_config):
 @pytest.mark.parametrize(
     "extra,message",
     [
-        ({"kernel": "gemm"}, "M=1 config: kernel='gemm' is not allowed; use one of ['tiled', 'gemv']"),
-        ({"fuse_silu": 2}, "M=1 config: fuse_silu=2 is not allowed"),
-        ({"split_kk": 2}, "M=1 config: unknown knob 'split_kk'"),
+        ({"kernel": "gemm"}, "M=1: config: kernel='gemm' is not allowed; use one of ['tiled', 'gemv']"),
+        ({"fuse_silu": 2}, "M=1: config: fuse_silu=2 is not allowed"),
+        ({"split_kk": 2}, "M=1: config: unknown knob 'split_kk'"),
     ],
 )
 def test_sidecar_extra_knobs_are_checked_against_knobs_py_when_the_table_is_loaded(tmp_path, extra, message):
