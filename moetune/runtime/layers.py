@@ -183,7 +183,7 @@ class Attention(nn.Module):
         return out
 
 
-# Which table the MoE layers read: the tuned one, vLLM's default, or the default with BLOCK_SIZE_K changed
+# Which table the MoE layers read: the tuned one, vLLM's default, or the default with BLOCK_SIZE_M/K changed
 # (numerically equivalent, rounds otherwise: the parity check's noise floor). Every rank derives its own.
 TABLE_CHOICES = ("tuned", "default", "default-perturbed")
 
