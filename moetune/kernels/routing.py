@@ -16,7 +16,7 @@ Output layout (what the expert GEMM reads):
   sorted_ids [max_padded]   slot indices (token * top_k + k), grouped by expert; padding = T * top_k
   expert_ids [max_blocks]   expert of each BLOCK_SIZE_M block; -1 past the last used block
   num_padded [1]            number of used entries in sorted_ids (a multiple of BLOCK_SIZE_M)
-Reference: route_reference in reference.py; tests/test_routing.py checks the layout itself.
+Reference: route_reference in reference.py; tests/test_fused_moe.py checks the layout itself, both paths.
 """
 
 from __future__ import annotations
