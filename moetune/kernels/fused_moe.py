@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from moetune.errors import MoetuneError
-from moetune.kernels.activation import quantize_rows, quantize_with_amax, silu_mul, silu_mul_fp8, topk_sum
+from moetune.kernels.activation import FP8_MAX, quantize_rows, quantize_with_amax, silu_mul, silu_mul_fp8, topk_sum
 from moetune.kernels.interp import interpreting
 from moetune.kernels.knobs import check_config
 from moetune.kernels.moe_gemm import FP8, moe_gemm
@@ -32,8 +32,6 @@ from moetune.kernels.moe_gemm_silu import moe_gemm_silu
 from moetune.kernels.moe_gemv import fused_moe_gemv
 from moetune.kernels.routing import route_and_align
 from moetune.tables import default_config
-
-FP8_MAX = 448.0  # largest finite float8_e4m3fn
 
 # Tests swap this for an allocator that fills buffers with garbage, to prove nothing unwritten is read.
 alloc = torch.empty

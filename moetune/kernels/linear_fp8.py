@@ -19,11 +19,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from moetune.kernels.activation import FP8, FP8_MAX
 from moetune.kernels.interp import downcast, interpreting
 
 log = logging.getLogger("moetune")
-FP8 = torch.float8_e4m3fn
-FP8_MAX = 448.0
 W8A8_MIN_M = 128  # below this the step is weight-bound and w8a16 reads the same bytes with no quant pass
 
 

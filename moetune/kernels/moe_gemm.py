@@ -19,9 +19,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from moetune.kernels.activation import FP8
 from moetune.kernels.interp import downcast, interpreting
-
-FP8 = torch.float8_e4m3fn
 
 
 @triton.jit
