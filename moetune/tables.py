@@ -299,7 +299,7 @@ class ConfigTable:
     configs: dict[int, Config]
     path: Path | None = None
     ours: dict[int, dict[str, Any]] = field(default_factory=dict)
-    perturb_k: bool = False  # every pick with BLOCK_SIZE_M/K changed (perturb_rounding): a correct twin table
+    perturb: bool = False  # every pick with BLOCK_SIZE_M/K changed (perturb_rounding): a correct twin table
 
     def pick(self, M: int) -> dict[str, Any]:
         if not self.configs:
@@ -307,11 +307,11 @@ class ConfigTable:
         else:
             m = nearest(self.configs, M)
             config = self.ours.get(m, self.configs[m])
-        return perturb_rounding(config) if self.perturb_k else config
+        return perturb_rounding(config) if self.perturb else config
 
     def perturbed(self) -> ConfigTable:
         """This table with BLOCK_SIZE_M/K changed in every config: numerically equivalent, rounds otherwise."""
-        return dataclasses.replace(self, perturb_k=True)
+        return dataclasses.replace(self, perturb=True)
 
     @classmethod
     def load(cls, path: Path, E: int) -> ConfigTable:
