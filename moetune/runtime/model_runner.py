@@ -36,6 +36,12 @@ CPU_KV_CACHE_BYTES = 256 << 20  # a CPU engine is for tests and demos: a small f
 MAX_GRAPH_BATCH = 512
 
 
+def graph_batch_sizes(max_num_seqs: int) -> list[int]:
+    """The decode batch sizes captured as graphs: powers of two below the largest batch, and it."""
+    max_bs = min(max_num_seqs, MAX_GRAPH_BATCH)
+    return sorted({b for b in (1 << i for i in range(10)) if b < max_bs} | {max_bs})
+
+
 def moe_tables(cfg: EngineConfig, spec: ModelSpec) -> MoeTables:
     """This rank's MoE tables: looked up for its own expert shard (N = intermediate / tp), as vLLM shards."""
     # fp32 is a CPU test dtype: it reads the 16-bit table, whose file name carries no dtype
@@ -284,8 +290,8 @@ class ModelRunner:
         self.graphs = {}
         gc.collect()
         torch.cuda.empty_cache()
-        max_bs = min(self.cfg.max_num_seqs, MAX_GRAPH_BATCH)
-        self.graph_batch_sizes = sorted({b for b in (1 << i for i in range(10)) if b < max_bs} | {max_bs})
+        self.graph_batch_sizes = graph_batch_sizes(self.cfg.max_num_seqs)
+        max_bs = self.graph_batch_sizes[-1]
         self.graph_inputs = self._graph_buffers(max_bs)
         pool = None
         t0 = time.perf_counter()

@@ -19,18 +19,12 @@ import torch
 from moetune.errors import MoetuneError
 from moetune.models import ModelSpec
 from moetune.runtime.config import RUNTIME_DTYPES, EngineConfig, resolve
-from moetune.runtime.model_runner import MAX_GRAPH_BATCH, moe_tables
+from moetune.runtime.model_runner import graph_batch_sizes, moe_tables
 from moetune.tables import ConfigTable, nearest, sidecar_path
 
 log = logging.getLogger("moetune")
 
 TOLERANCE = 0.1  # relative error: far above fp8/bf16 rounding, far below what a wrong config computes
-
-
-def decode_buckets(max_num_seqs: int) -> list[int]:
-    """The decode batch sizes the runner captures graphs for (model_runner.capture_graphs' rule)."""
-    max_bs = min(max_num_seqs, MAX_GRAPH_BATCH)
-    return sorted({b for b in (1 << i for i in range(10)) if b < max_bs} | {max_bs})
 
 
 def _source(table: ConfigTable, M: int) -> str:
@@ -71,7 +65,7 @@ def _run_buckets(cfg: EngineConfig, spec: ModelSpec, N: int, table: ConfigTable)
         (w13, s13), (w2, s2) = quantize_fp8_per_expert(w13), quantize_fp8_per_expert(w2)
     t0 = time.perf_counter()
     prefill = {m for m in table.configs if m <= cfg.max_num_batched_tokens}
-    buckets = sorted(set(decode_buckets(cfg.max_num_seqs)) | prefill)
+    buckets = sorted(set(graph_batch_sizes(cfg.max_num_seqs)) | prefill)
     for M in buckets:
         x = torch.randn(M, H, generator=g, device=dev, dtype=act)
         logits = torch.randn(M, E, generator=g, device=dev, dtype=torch.float32)
