@@ -3,16 +3,26 @@
 #   bash benchmarks/gpu_session.sh kernel   # GPU tests, bench fp8+bf16 default configs, GEMV vs tiled
 #   bash benchmarks/gpu_session.sh tune     # moetune run fp8 (8-minute budget), then bench with the table
 #   bash benchmarks/gpu_session.sh serve    # python -m moetune.serve, fp8, default vs tuned
+#   bash benchmarks/gpu_session.sh http     # the OpenAI server under 64 and 256 streaming clients, 3 times
 # Needs .whl/ (benchmarks/prepare_device_wheels.sh) carried along; all results land in $OUT/results-<stage>.tar.gz.
 # The serve stage reads the tune stage's table from tuned_configs/: commit it there first.
 set -uo pipefail
-stage=${1:?stage: kernel, tune or serve}
+stage=${1:?stage: kernel, tune, serve or http}
 OUT=${OUT:-/tmp/out}
 R=runs/gpu-$stage
 mkdir -p "$R" "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 export PYTHONPATH=/tmp/site:$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 moetune() { python3 -m moetune.cli "$@"; }
+serve_fp8() {  # python -m moetune.serve in the background with the given batch sizes; returns once /health is 200
+  python3 -m moetune.serve --dtype fp8 --batch-sizes "$1" --context-len 128 --results-dir "$R" --port 8000 \
+    > "$R/serve.log" 2>&1 &
+  server=$!
+  for _ in $(seq 200); do
+    python3 -c "import httpx,sys; sys.exit(httpx.get('http://127.0.0.1:8000/health').status_code != 200)" 2>/dev/null && break
+    kill -0 $server 2>/dev/null || break; sleep 2
+  done
+}
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)'; } | tee "$R/device.txt"
 case $stage in
@@ -35,16 +45,21 @@ tune)  # the final kernel beside vLLM's, then a full fp8 table, then that table 
   ;;
 serve)  # runtime benchmark, then default-vs-tuned proof and the HTTP server under the official client
   timeout 200 python3 benchmarks/decode_step.py --out "$R/decode_step.json" 2>&1 | tail -40 | tee "$OUT/decode_step.txt"
-  python3 -m moetune.serve --dtype fp8 --batch-sizes 1,16,64,256 --context-len 128 --results-dir "$R" --port 8000 \
-    > "$R/serve.log" 2>&1 &
-  server=$!
-  for _ in $(seq 150); do
-    python3 -c "import httpx,sys; sys.exit(httpx.get('http://127.0.0.1:8000/health').status_code != 200)" 2>/dev/null && break
-    kill -0 $server 2>/dev/null || break; sleep 2
-  done
+  serve_fp8 1,16,64,256
   timeout 90 python3 benchmarks/load_openai.py --base-url http://127.0.0.1:8000/v1 --concurrency 64,256 --max-tokens 128 \
     --procs 4 --engine-results "$(ls "$R"/serve_*fp8*.json | head -1)" 2>&1 | tail -12 | tee "$OUT/load.txt"
   kill -TERM $server; wait $server; echo "server exit: $?" | tee -a "$R/serve.log"
+  tail -60 "$R/serve.log" > "$OUT/serve.txt"
+  ;;
+http)  # the engine's own decode rate at 64/256 (compare), then the same load 3 times; SIGTERM must end it fast
+  serve_fp8 64,256
+  for run in 1 2 3; do
+    timeout 100 python3 benchmarks/load_openai.py --base-url http://127.0.0.1:8000/v1 --concurrency 64,256 \
+      --max-tokens 128 --procs 4 --engine-results "$(ls "$R"/serve_*fp8*.json | head -1)" 2>&1 | tail -4 | tee -a "$OUT/load.txt"
+  done
+  python3 -c "import httpx; print(httpx.get('http://127.0.0.1:8000/metrics').text)" > "$R/metrics.txt"
+  t0=$(date +%s.%N); kill -TERM $server; wait $server; rc=$?
+  echo "server exit $rc after SIGTERM in $(python3 -c "print(round($(date +%s.%N) - $t0, 2))") s" | tee -a "$R/serve.log"
   tail -60 "$R/serve.log" > "$OUT/serve.txt"
   ;;
 esac

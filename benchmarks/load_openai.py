@@ -3,8 +3,8 @@
 For each concurrency C, C clients (split over --procs processes, so the clients' own Python is not the
 bottleneck) start together; each streams `--rounds` completions of `--max-tokens` tokens (ignore_eos, so
 every request is the same length). One table row per C: tok/s over the wall time, p50/p99 request latency,
-p50/p99 time to first token, and dropped requests (no complete reply: connection reset, timeout, HTTP
-error). With --engine-results (the JSON `python -m moetune.serve` writes) a column gives tok/s as a share
+p50/p99 time to first token, dropped requests (no complete reply: connection reset, timeout, HTTP
+error), and on a moetune server its mean engine step during the level (from /metrics). With --engine-results (the JSON `python -m moetune.serve` writes) a column gives tok/s as a share
 of the engine's own decode rate at batch C.
 
 This starts nothing unless --spawn-tiny is given, which runs `python -m moetune.serve --model tiny` on the
@@ -25,8 +25,10 @@ import sys
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import Manager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -43,6 +45,7 @@ class Level:
     ttft: list[float] = field(default_factory=list)
     dropped: int = 0
     first_error: str = ""
+    step_ms: float = float("nan")  # the server's mean engine step during the level (moetune servers only)
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -78,9 +81,13 @@ def run_level(base_url: str, model: str, concurrency: int, rounds: int, max_toke
     """concurrency clients split over `procs` processes, so the clients' own Python is not what is measured."""
     if procs <= 1:
         return asyncio.run(clients(base_url, model, concurrency, rounds, max_tokens))
-    shares = [concurrency // procs + (i < concurrency % procs) for i in range(procs)]
-    with ProcessPoolExecutor(procs) as pool:
-        parts = list(pool.map(_clients_sync, *zip(*[(base_url, model, c, rounds, max_tokens) for c in shares if c])))
+    shares = [c for c in (concurrency // procs + (i < concurrency % procs) for i in range(procs)) if c]
+    # A barrier: each process imports openai and builds its client first, then all start together. Staggered
+    # starts (up to a second apart, measured) made the engine interleave prefills with the others' decode.
+    with Manager() as manager, ProcessPoolExecutor(len(shares)) as pool:
+        start = manager.Barrier(len(shares))
+        args = [(base_url, model, c, rounds, max_tokens, start) for c in shares]
+        parts = list(pool.map(_clients_sync, *zip(*args)))
     level = Level(concurrency, wall_s=max(p.wall_s for p in parts))
     for part in parts:
         level.tokens += part.tokens
@@ -91,11 +98,13 @@ def run_level(base_url: str, model: str, concurrency: int, rounds: int, max_toke
     return level
 
 
-def _clients_sync(base_url: str, model: str, concurrency: int, rounds: int, max_tokens: int) -> Level:
-    return asyncio.run(clients(base_url, model, concurrency, rounds, max_tokens))
+def _clients_sync(base_url: str, model: str, concurrency: int, rounds: int, max_tokens: int, start: Any) -> Level:
+    return asyncio.run(clients(base_url, model, concurrency, rounds, max_tokens, start))
 
 
-async def clients(base_url: str, model: str, concurrency: int, rounds: int, max_tokens: int) -> Level:
+async def clients(base_url: str, model: str, concurrency: int, rounds: int, max_tokens: int,
+                  start: Any = None) -> Level:  # fmt: skip
+    """start: a barrier shared with the other client processes, passed once everything is set up."""
     level = Level(concurrency)
     http = openai.DefaultAsyncHttpxClient(limits=httpx.Limits(max_connections=concurrency + 8))  # no client waits
     async with openai.AsyncOpenAI(base_url=base_url, api_key="none", max_retries=0, timeout=1800,
@@ -105,10 +114,27 @@ async def clients(base_url: str, model: str, concurrency: int, rounds: int, max_
             for _ in range(rounds):
                 await one_request(client, model, max_tokens, level)
 
+        if start is not None:
+            await asyncio.to_thread(start.wait)
         t0 = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         level.wall_s = time.perf_counter() - t0
     return level
+
+
+def engine_steps(base_url: str) -> tuple[float, float] | None:
+    """(sum seconds, count) of moetune's engine-step histogram from /metrics; None on servers without it."""
+    root = base_url.rstrip("/").removesuffix("/v1")
+    try:
+        text = httpx.get(f"{root}/metrics", timeout=10).text
+    except httpx.HTTPError:
+        return None
+    vals = {}
+    for line in text.splitlines():
+        for key in ("moetune_engine_step_seconds_sum", "moetune_engine_step_seconds_count"):
+            if line.startswith(key + " "):
+                vals[key] = float(line.split()[1])
+    return (vals["moetune_engine_step_seconds_sum"], vals["moetune_engine_step_seconds_count"]) if len(vals) == 2 else None
 
 
 def engine_rates(path: Path | None) -> dict[int, float]:
@@ -120,13 +146,14 @@ def engine_rates(path: Path | None) -> dict[int, float]:
 
 def table(levels: list[Level], engine: dict[int, float]) -> str:
     head = (f"{'concurrency':>11} {'requests':>8} {'tok/s':>9} {'p50 lat s':>9} {'p99 lat s':>9} "
-            f"{'p50 TTFT s':>10} {'p99 TTFT s':>10} {'dropped':>7}" + (f" {'engine tok/s':>12} {'share':>6}"
-                                                                       if engine else ""))  # fmt: skip
+            f"{'p50 TTFT s':>10} {'p99 TTFT s':>10} {'dropped':>7} {'step ms':>7}"
+            + (f" {'engine tok/s':>12} {'share':>6}" if engine else ""))  # fmt: skip
     lines = [head]
     for lv in levels:
         rate = lv.tokens / lv.wall_s if lv.wall_s else 0.0
         line = (f"{lv.concurrency:>11} {len(lv.latency) + lv.dropped:>8} {rate:>9.1f} {pct(lv.latency, .5):>9.2f} "
-                f"{pct(lv.latency, .99):>9.2f} {pct(lv.ttft, .5):>10.3f} {pct(lv.ttft, .99):>10.3f} {lv.dropped:>7}")
+                f"{pct(lv.latency, .99):>9.2f} {pct(lv.ttft, .5):>10.3f} {pct(lv.ttft, .99):>10.3f} {lv.dropped:>7} "
+                f"{lv.step_ms:>7.1f}")
         if engine:
             e = engine.get(lv.concurrency)
             line += f" {e:>12.1f} {rate / e:>6.0%}" if e else f" {'-':>12} {'-':>6}"
@@ -165,7 +192,11 @@ def main(argv: list[str] | None = None) -> int:
         model = args.model or openai.OpenAI(base_url=url, api_key="none").models.list().data[0].id
         levels = []
         for c in (int(x) for x in args.concurrency.split(",")):
+            before = engine_steps(url)
             levels.append(run_level(url, model, c, args.rounds, args.max_tokens, args.procs))
+            after = engine_steps(url)
+            if before and after and after[1] > before[1]:
+                levels[-1].step_ms = 1000 * (after[0] - before[0]) / (after[1] - before[1])
             if levels[-1].first_error:
                 print(f"concurrency {c}: first error: {levels[-1].first_error}", file=sys.stderr)
         print(f"{model} at {url}, {args.max_tokens} tokens per request, {args.rounds} per client")

@@ -149,7 +149,8 @@ def bench_main(args: argparse.Namespace) -> int:
 
     bar = tqdm(counts, desc="bench", unit="M", leave=False)
     df = pd.DataFrame([bench_one(bench, M, table, ceilings, args.reps, against) for M in bar])
-    print(df.to_string(index=False, float_format=lambda v: f"{v:.3g}" if abs(v) < 1 else f"{v:.1f}"))
+    ratios = {c: (lambda v: f"{v:.3f}") for c in ("speedup", "frac_of_floor", "ratio") if c in df}  # 1.0 hides 0.96
+    print(df.to_string(index=False, formatters=ratios, float_format=lambda v: f"{v:.3g}" if abs(v) < 1 else f"{v:.1f}"))
     out = args.csv or Path("runs/bench") / f"{model.name}-{dtype}-tp{args.tp}.csv"
     meta = dict(model=model.name, dtype=dtype, tp=args.tp, E=shape.E, N=shape.N, device=device,
                 torch=torch.__version__)  # fmt: skip

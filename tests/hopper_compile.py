@@ -27,7 +27,7 @@ HOPPER = GPUTarget("cuda", 90, 32)
 # Mixtral-8x7B TP1 sizes and strides (K=4096, N=14336), for the int arguments Triton specialises on
 MIXTRAL_INTS = dict(N=14336, K=4096, stride_am=4096, stride_ak=1, stride_be=28672 * 4096, stride_bn=4096,
                     stride_bk=1, stride_cm=28672, stride_cn=1, stride_om=14336, stride_on=1, stride_h=28672, stride_out=14336,
-                    stride_in=28672,
+                    stride_in=28672, K_SPLIT=1024,
                     stride_xt=4096, stride_we=28672 * 4096, stride_wn=4096, stride_wk=14336, stride_ot=4096)  # fmt: skip
 
 
@@ -124,11 +124,15 @@ def other_variants():
                 "slots_ptr": "*i64", "k_cache_ptr": f"*{dtype}", "v_cache_ptr": f"*{dtype}"},
                dict(NUM_HEADS=32, NUM_KV_HEADS=8, HEAD_DIM=128, Q_PAD=32, KV_PAD=8, HALF_PAD=64, D_PAD=128,
                     WRITE_CACHE=True, INTERPRETED=False), 4, 1)  # fmt: skip
-    for name, (bm, bn, bk, warps) in (("small-M", linear_fp8._blocks(1)), ("mid-M", linear_fp8._blocks(64)),
-                                      ("large-M", linear_fp8._blocks(512))):  # fmt: skip
+    split = linear_fp8.W8A16Config(BLOCK_M=16, BLOCK_N=64, BLOCK_K=256, num_warps=4, num_stages=4, SPLIT_K=4)
+    default = linear_fp8.default_w8a16_config
+    for name, cfg in (("small-M", default(1, 4096)), ("mid-M", default(64, 4096)), ("large-M", default(512, 4096)),
+                      ("split-K", split)):  # fmt: skip
         yield (f"linear_w8a16/{name}", linear_fp8._w8a16_kernel,
-               {"x_ptr": "*bf16", "w_ptr": "*fp8e4nv", "scale_ptr": "*fp32", "out_ptr": "*bf16"},
-               dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, UPCAST_DOT=False, INTERPRETED=False), warps, 3)  # fmt: skip
+               {"x_ptr": "*bf16", "w_ptr": "*fp8e4nv", "scale_ptr": "*fp32", "out_ptr": "*bf16", "part_ptr": "*fp32",
+                "count_ptr": "*i32"},
+               dict(BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, SPLIT_K=cfg.SPLIT_K, UPCAST_DOT=False,
+                    INTERPRETED=False), cfg.num_warps, cfg.num_stages)  # fmt: skip
 
 
 def main() -> None:

@@ -47,3 +47,11 @@ def test_gemm_weight_loads_are_software_pipelined(compiled):
         r = compiled[f"moe_gemm/{dtype}/gemm1/tuned-like"]  # BM=64 BN=128 BK=128, 4 stages
         one_stage = (64 * 128 + 128 * 128) * elem
         assert r["cp_async"] and r["shared"] >= r["stages"] * one_stage, f"{dtype}: loads not multi-buffered"
+
+
+def test_w8a16_weight_loads_are_software_pipelined_with_and_without_split_k(compiled):
+    """BLOCK_M=16 x tile once, weight tiles in num_stages - 1 buffers (measured layout of Triton 3.9's pipeliner)."""
+    for name in ("small-M", "split-K"):
+        r = compiled[f"linear_w8a16/{name}"]
+        bn, bk = (32, 256) if name == "small-M" else (64, 256)
+        assert r["cp_async"] and r["shared"] >= (r["stages"] - 1) * bk * bn, f"{name}: weight loads not multi-buffered"

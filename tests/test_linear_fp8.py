@@ -8,7 +8,15 @@ import torch
 from conftest import tiny_engine_config
 
 from moetune.errors import MoetuneError
-from moetune.kernels.linear_fp8 import FP8, linear_fp8_reference, linear_w8a16, quantize_per_channel
+from moetune.kernels import linear_fp8, splitk
+from moetune.kernels.linear_fp8 import (
+    FP8,
+    W8A16Config,
+    default_w8a16_config,
+    linear_fp8_reference,
+    linear_w8a16,
+    quantize_per_channel,
+)
 from moetune.kernels.reference import rel_err
 from moetune.runtime import LLMEngine
 
@@ -37,6 +45,70 @@ def test_w8a16_reads_a_strided_activation():
     x = torch.randn(4, 96)[:, :64]  # row stride 96
     wq, scale = quantize_per_channel(torch.randn(24, 64))
     torch.testing.assert_close(linear_w8a16(x, wq, scale), linear_fp8_reference(x, wq, scale), atol=1e-5, rtol=1e-5)
+
+
+def _poisoned_case(M, N, K, dtype, monkeypatch):
+    g = torch.Generator().manual_seed(M * N + K)
+    x = torch.randn(M, K, generator=g).to(dtype)
+    wq, scale = quantize_per_channel(torch.randn(N, K, generator=g) * torch.rand(N, 1, generator=g))
+    real = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *a, **kw: real(*a, **kw).fill_(float("nan")))  # output and partials
+    return x, wq, scale, x.float() @ (wq.float() * scale[:, None]).t()
+
+
+@pytest.mark.parametrize("split_k", [2, 4, 8])
+@pytest.mark.parametrize(("M", "N", "K", "dtype"), [(1, 40, 200, torch.bfloat16), (3, 70, 200, torch.float16),
+                                                    (17, 33, 96, torch.float32)])  # fmt: skip
+def test_w8a16_split_k_matches_float32_reference(split_k, M, N, K, dtype, monkeypatch):
+    """K-slices of 32 columns: K=200 gives 7 blocks, so SPLIT_K=8 also has an empty slice (a zero partial)."""
+    x, wq, scale, ref = _poisoned_case(M, N, K, dtype, monkeypatch)
+    counters = splitk.tile_counters(torch.device("cpu"), 1)
+    cfg = W8A16Config(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, num_warps=4, num_stages=4, SPLIT_K=split_k)
+    out = linear_w8a16(x, wq, scale, cfg)
+    assert out.dtype == dtype and out.shape == (M, N) and torch.isfinite(out).all()
+    torch.testing.assert_close(out.float(), ref, atol=TOL[dtype] * K**0.5, rtol=TOL[dtype])
+    assert not counters.any()  # the last program of each tile left its counter at zero for the next launch
+    assert torch.equal(linear_w8a16(x, wq, scale, cfg), out)  # partials summed in split order: the same bits
+
+
+def test_tile_counters_grow_and_keep_the_old_buffer_alive():
+    dev = torch.device("cpu")
+    small = splitk.tile_counters(dev, 1)
+    big = splitk.tile_counters(dev, small.numel() + 1)
+    assert big.numel() > small.numel() and not big.any() and splitk.tile_counters(dev, 2) is big
+    assert any(t is small for t in splitk._retired)  # a captured graph may still point at it
+
+
+@pytest.mark.parametrize("cfg", [W8A16Config(16, 64, 64, 2, 5), W8A16Config(32, 16, 128, 8, 2, SPLIT_K=2)])
+def test_w8a16_launches_with_the_given_config(cfg, monkeypatch):
+    launches = []
+    real = linear_fp8._w8a16_kernel.run
+    monkeypatch.setattr(linear_fp8._w8a16_kernel, "run", lambda *a, **kw: launches.append(kw) or real(*a, **kw))
+    x, wq, scale, ref = _poisoned_case(5, 100, 160, torch.bfloat16, monkeypatch)
+    torch.testing.assert_close(linear_w8a16(x, wq, scale, cfg).float(), ref, atol=8e-3 * 160**0.5, rtol=8e-3)
+    (kw,) = launches
+    assert (kw["num_warps"], kw["num_stages"], kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], kw["SPLIT_K"]) == (
+        cfg.num_warps, cfg.num_stages, cfg.BLOCK_M, cfg.BLOCK_N, cfg.BLOCK_K, cfg.SPLIT_K)  # fmt: skip
+    assert kw["grid"] == (1, -(-100 // cfg.BLOCK_N), cfg.SPLIT_K)  # M=5: one row block
+
+
+def test_default_configs_split_k_at_decode_sizes_and_keep_the_tiles_above():
+    """M <= 16: the sweep's winners (split-K, the router its own row); above, the launches before the sweep."""
+    assert default_w8a16_config(1, 8) == W8A16Config(16, 16, 128, 4, num_stages=4, SPLIT_K=8)
+    for M in (1, 16):
+        assert default_w8a16_config(M, 6144) == W8A16Config(16, 32, 256, 4, num_stages=3, SPLIT_K=4)
+    for M, blocks in ((17, (64, 64, 128, 4)), (64, (64, 64, 128, 4)), (65, (64, 128, 64, 8)), (8192, (64, 128, 64, 8))):
+        c = default_w8a16_config(M, 4096)
+        assert default_w8a16_config(M, 8) == c
+        assert (c.BLOCK_M, c.BLOCK_N, c.BLOCK_K, c.num_warps, c.num_stages, c.SPLIT_K) == (*blocks, 3, 1)
+
+
+@pytest.mark.parametrize("bad", [dict(BLOCK_K=8), dict(BLOCK_N=48), dict(SPLIT_K=0), dict(SPLIT_K=3),
+                                 dict(num_warps=2.0), dict(num_stages=0)])  # fmt: skip
+def test_w8a16_config_names_the_bad_knob(bad):
+    knobs = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, num_warps=4) | bad
+    with pytest.raises(MoetuneError, match=next(iter(bad))):
+        W8A16Config(**knobs)
 
 
 def test_fp8_dense_logits_against_the_bf16_model(tiny_checkpoint):

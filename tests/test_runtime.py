@@ -233,3 +233,41 @@ def test_padded_graph_bucket_gives_the_eager_logits_and_only_writes_the_trash_bl
     for s in seqs:
         engine.abort(s.seq_id)
     assert engine.scheduler.block_manager.num_free == r.num_kv_blocks
+
+
+def test_fresh_prompts_in_one_padded_attention_call_match_one_call_per_prompt(monkeypatch):
+    """Prefill attention: the padded batch (fresh prompts of similar lengths) against the per-sequence loop,
+    on odd lengths and a one-token prompt (GQA: 2 query heads per KV head)."""
+    from types import SimpleNamespace
+
+    from moetune.runtime import layers
+    from moetune.runtime.context import Context, reset_context, set_context
+
+    H, Hkv, D, lens = 4, 2, 8, [5, 1, 7, 6]
+    g = torch.Generator().manual_seed(0)
+    T = sum(lens)
+    q, k, v = (torch.randn(T, h, D, generator=g) for h in (H, Hkv, Hkv))
+    attn = SimpleNamespace(num_heads=H, num_kv_heads=Hkv)
+    attn._prefill_padded = lambda *a: layers.Attention._prefill_padded(attn, *a)
+    cu = [0, *torch.tensor(lens).cumsum(0).tolist()]
+    set_context(Context(is_prefill=True, cu_seqlens_q=cu, start_positions=[0] * len(lens)))
+    try:
+        calls = []
+        real = layers.F.scaled_dot_product_attention
+        monkeypatch.setattr(layers.F, "scaled_dot_product_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+        padded = layers.Attention._prefill(attn, q, k, v)
+        assert len(calls) == 1  # one call for all four prompts
+        monkeypatch.setattr(layers, "PAD_WASTE", 0.0)  # never pad: the per-sequence loop
+        looped = layers.Attention._prefill(attn, q, k, v)
+        assert len(calls) == 1 + len(lens)
+    finally:
+        reset_context()
+    assert rel_err(padded, looped) < 1e-6
+
+
+def test_warm_up_runs_every_shape_and_leaves_the_engine_idle(engine):
+    bm = engine.scheduler.block_manager
+    free = bm.num_free
+    engine.warm_up()
+    assert not engine.has_unfinished() and bm.num_free == free
+    assert engine.generate([[1, 5, 9]], SamplingParams(max_tokens=2))  # still serves

@@ -23,17 +23,7 @@ from moetune.serve import compare as cmp
 from moetune.serve.protocol import BadRequest, Message, TextStream, chat_prompt_ids, parse_json
 from moetune.serve.server import start_server
 
-
-class FakeTokenizer:
-    """One token per character (id = code point + 3), so texts and ids map both ways exactly."""
-
-    eos_id = 2
-
-    def encode(self, text: str, bos: bool = True) -> list[int]:
-        return ([1] if bos else []) + [ord(c) + 3 for c in text]
-
-    def decode(self, ids: list[int]) -> str:
-        return "".join(chr(i - 3) for i in ids if i > 2)
+from fake_tokenizer import FakeTokenizer  # a module of its own: the HTTP process unpickles it without torch
 
 
 @dataclass
@@ -130,10 +120,7 @@ def serve(engine):
     s = start_server(engine, "127.0.0.1", 0)
     t = threading.Thread(target=s.serve_forever, daemon=True)
     t.start()
-    for _ in range(200):  # bounded: uvicorn starts in milliseconds
-        if s.uvicorn.started:
-            break
-        time.sleep(0.01)
+    assert s.wait_started(60), "the HTTP process did not start"
     return s, t
 
 

@@ -217,10 +217,7 @@ def test_a_sequence_that_fails_inside_a_step_errors_only_its_own_request(tiny_ch
     t = threading.Thread(target=s.serve_forever, daemon=True)
     t.start()
     try:
-        for _ in range(200):
-            if s.uvicorn.started:
-                break
-            time.sleep(0.01)
+        assert s.wait_started(60), "the HTTP process did not start"
         port = s.server_address[1]
         alone = [json.loads(_post(port, "/v1/completions", b)[1])["choices"][0]["text"] for b in good]
         results: dict = {}
@@ -248,5 +245,6 @@ def test_load_script_runs_end_to_end_on_the_tiny_model():
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
     head, row = r.stdout.splitlines()[-2:]
-    assert head.split()[:3] == ["concurrency", "requests", "tok/s"] and head.split()[-1] == "dropped"
-    assert row.split()[:2] == ["2", "2"] and row.split()[-1] == "0"
+    assert head.split()[:3] == ["concurrency", "requests", "tok/s"] and head.split()[-3:] == ["dropped", "step", "ms"]
+    cells = row.split()
+    assert cells[:2] == ["2", "2"] and cells[-2] == "0" and float(cells[-1]) > 0  # none dropped; the server's step

@@ -180,6 +180,10 @@ def test_warm_starts_are_the_old_table_the_neighbours_best_the_priors_and_the_de
                       ("default", default_config(16, 8))]
     # the same config from two sources is evaluated once, under its first source
     assert [s for s, _ in warm_starts(16, 8, "bf16", {8: [old]}, {16: old})][:2] == ["existing table", "prior #1"]
+    # --prior tables (vLLM's shipped file, say) come right after the existing table, nearest M
+    vllm = {8: a, 32: b}
+    assert warm_starts(16, 8, "fp8", {}, {16: old}, prior_tables={"vllm.json": vllm})[:2] == [
+        ("existing table", old), ("--prior vllm.json", a)]
 
 
 def test_each_study_starts_from_its_warm_starts(tmp_path):
@@ -255,6 +259,24 @@ def test_an_M_the_budget_cut_short_is_incomplete_keeps_a_config_and_resume_conti
     assert sorted(result.done) == job.Ms and not result.resumed and not result.incomplete
     assert not any(e.get("incomplete") for e in load_sidecar(job.path)["entries"].values())
     assert len([t for t in trials_of(job, 64) if t.state == TrialState.COMPLETE]) >= 30 > before
+
+
+def test_a_first_batch_compiling_past_its_Ms_share_still_runs_inside_the_budget(tmp_path):
+    """H100, 2026-11-26: a light M's share (about 10 s) was shorter than its first batch's compile (14 s).
+    The batch was failed whole and the M left with no timing while 130 s of the budget remained."""
+    job = make_job(tmp_path, [1, 2, 4, 8, 16])  # anchors 1, 4, 16 first; 2 and 8 then share what is left
+
+    class SlowCompileAt2(SyntheticBench):
+        def compile(self, configs, M, timeout_s=None):
+            if M == 2:
+                time.sleep(2.5)  # past M=2's share (about half of ~4 s), not past the budget
+            return super().compile(configs, M, timeout_s)
+
+    t0 = time.monotonic()
+    result = tune_table(job, Settings(trials=6, patience=1000, time_budget_s=4.5, min_screen=1, **FAST), SlowCompileAt2)
+    assert time.monotonic() - t0 < 4.5 * 1.05
+    assert sorted(result.done) == job.Ms and not result.incomplete
+    assert any(t.state == TrialState.COMPLETE for t in trials_of(job, 2))
 
 
 def test_a_second_run_on_the_same_storage_needs_resume(tmp_path):

@@ -35,6 +35,7 @@ TINY_TABLE = "E=4,N=96,device_name=CPU_triton_interpreter.json"
         (["--model", "tiny", "--seed", "x"], "argument --seed: invalid int value: 'x'"),
         (["--model", "tiny", "--trials", "2.5"], "argument --trials: invalid int value: '2.5'"),
         (["--model", "tiny", "--sampler", "random"], "unknown --sampler 'random'"),
+        (["--model", "tiny", "--prior", "/nonexistent/vllm.json"], "/nonexistent/vllm.json"),
         ([], "which model?"),
     ],
 )

@@ -5,7 +5,9 @@ Mixtral-8x7B; fp8 halves the bytes. Two paths:
 
 * w8a16 (this Triton kernel, any M): fp8 weight tiles are widened in registers and multiplied with
   the 16-bit activations (tl.dot, float32 accumulation); the per-channel scale is applied once after
-  the K loop. No activation quantisation, so it is as accurate as the weights.
+  the K loop. No activation quantisation, so it is as accurate as the weights. Launch knobs: a
+  W8A16Config (blocks, warps, stages, SPLIT_K: K split over programs, reduced in the same launch by
+  splitk.py); DEFAULT_CONFIGS by M and N, swept by benchmarks/linear_fp8_sweep.py.
 * w8a8 (`torch._scaled_mm`, CUDA only, large M): activations quantised per row, fp8 tensor cores.
   Used above W8A8_MIN_M once a first call has agreed with the w8a16 kernel (see Fp8Linear); else w8a16.
 """
@@ -13,34 +15,43 @@ Mixtral-8x7B; fp8 halves the bytes. Two paths:
 from __future__ import annotations
 
 import logging
+import sys
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
+from moetune.errors import MoetuneError
 from moetune.kernels.activation import FP8, FP8_MAX
 from moetune.kernels.interp import downcast, interpreting
+from moetune.kernels.splitk import arrive, k_slice, sum_partials, tile_counters
 
 log = logging.getLogger("moetune")
 W8A8_MIN_M = 128  # below this the step is weight-bound and w8a16 reads the same bytes with no quant pass
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])  # one compile for every batch size: M only masks rows
 def _w8a16_kernel(
-    x_ptr, w_ptr, scale_ptr, out_ptr, M, N, K,
+    x_ptr, w_ptr, scale_ptr, out_ptr, part_ptr, count_ptr, M, N, K, K_SPLIT,
     stride_xm, stride_wn, stride_om,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST_DOT: tl.constexpr,
-    INTERPRETED: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, INTERPRETED: tl.constexpr,
 ):  # fmt: skip
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
-    x_ptrs = x_ptr + rows[:, None].to(tl.int64) * stride_xm + offs_k[None, :]  # [BM, BK]
-    w_ptrs = w_ptr + cols[None, :].to(tl.int64) * stride_wn + offs_k[:, None]  # [BK, BN]: W^T's tile
+    if SPLIT_K == 1:
+        k_lo, k_hi = 0, K
+    else:  # this program's K-slice (splitk.py); K_SPLIT is a multiple of BLOCK_K
+        k_lo = tl.program_id(2) * K_SPLIT
+        k_hi = tl.minimum(K, k_lo + K_SPLIT)
+    x_ptrs = x_ptr + rows[:, None].to(tl.int64) * stride_xm + (k_lo + offs_k)[None, :]  # [BM, BK]
+    w_ptrs = w_ptr + cols[None, :].to(tl.int64) * stride_wn + (k_lo + offs_k)[:, None]  # [BK, BN]: W^T's tile
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_lo, k_hi, BLOCK_K):
         k_ok = offs_k < K - k0
         x = tl.load(x_ptrs, mask=(rows < M)[:, None] & k_ok[None, :], other=0.0)
         w = tl.load(w_ptrs, mask=k_ok[:, None] & (cols < N)[None, :], other=0.0)
@@ -50,9 +61,17 @@ def _w8a16_kernel(
             acc = tl.dot(x, w.to(x.dtype), acc)
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
-    acc = acc * tl.load(scale_ptr + cols, mask=cols < N, other=0.0)[None, :]
     out = out_ptr + rows[:, None].to(tl.int64) * stride_om + cols[None, :]
-    tl.store(out, downcast(acc, out_ptr.dtype.element_ty, INTERPRETED), mask=(rows < M)[:, None] & (cols < N)[None, :])
+    ok = (rows < M)[:, None] & (cols < N)[None, :]
+    if SPLIT_K == 1:
+        acc = acc * tl.load(scale_ptr + cols, mask=cols < N, other=0.0)[None, :]
+        tl.store(out, downcast(acc, out_ptr.dtype.element_ty, INTERPRETED), mask=ok)
+    else:
+        tile = pid_m * tl.num_programs(1) + pid_n
+        if arrive(acc, part_ptr, count_ptr, rows, cols, M, N, tl.program_id(2), tile) == SPLIT_K - 1:
+            acc = sum_partials(part_ptr, count_ptr, rows, cols, M, N, tile, SPLIT_K, BLOCK_M, BLOCK_N)
+            acc = acc * tl.load(scale_ptr + cols, mask=cols < N, other=0.0)[None, :]
+            tl.store(out, downcast(acc, out_ptr.dtype.element_ty, INTERPRETED), mask=ok)
 
 
 def quantize_per_channel(w: Tensor) -> tuple[Tensor, Tensor]:
@@ -62,28 +81,67 @@ def quantize_per_channel(w: Tensor) -> tuple[Tensor, Tensor]:
     return (w.float() / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
 
 
-def _blocks(M: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps). Small M streams weights: narrow N tiles give Mixtral's
-    qkv (N=6144) 192 programs and o_proj (N=4096) 128, about one per SM, each reading K in long chunks."""
-    if M <= 16:
-        return 16, 32, 256, 4
-    if M <= 64:
-        return 64, 64, 128, 4
-    return 64, 128, 64, 8
+@dataclass(frozen=True)
+class W8A16Config:
+    """One launch of the w8a16 kernel. SPLIT_K > 1: each output tile's K is split over that many
+    programs, reduced in the same launch (splitk.py)."""
+
+    BLOCK_M: int
+    BLOCK_N: int
+    BLOCK_K: int
+    num_warps: int
+    num_stages: int = 3
+    SPLIT_K: int = 1
+
+    def __post_init__(self) -> None:
+        for knob in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "SPLIT_K"):
+            v = getattr(self, knob)
+            if type(v) is not int or v < (16 if knob.startswith("BLOCK") else 1) or v & (v - 1):
+                raise MoetuneError(f"W8A16Config: {knob}={v!r}; blocks are powers of two >= 16 (tl.dot), "
+                                   "num_warps and SPLIT_K powers of two >= 1")  # fmt: skip
+        if type(self.num_stages) is not int or self.num_stages < 1:
+            raise MoetuneError(f"W8A16Config: num_stages={self.num_stages!r} must be an int >= 1")
 
 
-def linear_w8a16(x: Tensor, w: Tensor, scale: Tensor) -> Tensor:
-    """x [M, K] (bf16/fp16/fp32), w [N, K] e4m3, scale [N] float32 -> [M, N] in x's dtype."""
+# (largest M, largest N, config): the first row that holds launches. At M <= 16 the kernel only streams
+# weights; `benchmarks/linear_fp8_sweep.py` on an H100 (2026-11-26, 324 configs) found every qkv / o_proj /
+# lm_head launch latency-bound with one program per 32 columns: SPLIT_K=4 gives 4x the programs and bytes in
+# flight (qkv 15.6 -> 13.3 µs, o_proj 12.2 -> 10.4, lm_head 59 -> 51), and the router (N=8, one program
+# before) wants SPLIT_K=8 (11.5 -> 4.2 µs). A decode step's dense linears: 1,320 -> 940 µs. Rows with a
+# small largest N go before the row they refine.
+ANY = sys.maxsize
+DEFAULT_CONFIGS: tuple[tuple[int, int, W8A16Config], ...] = (
+    (16, 64, W8A16Config(BLOCK_M=16, BLOCK_N=16, BLOCK_K=128, num_warps=4, num_stages=4, SPLIT_K=8)),  # router
+    (16, ANY, W8A16Config(BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, num_warps=4, num_stages=3, SPLIT_K=4)),
+    (64, ANY, W8A16Config(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3)),
+    (ANY, ANY, W8A16Config(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)),
+)
+
+
+def default_w8a16_config(M: int, N: int) -> W8A16Config:
+    return next(cfg for max_m, max_n, cfg in DEFAULT_CONFIGS if M <= max_m and N <= max_n)
+
+
+def linear_w8a16(x: Tensor, w: Tensor, scale: Tensor, config: W8A16Config | None = None) -> Tensor:
+    """x [M, K] (bf16/fp16/fp32), w [N, K] e4m3, scale [N] float32 -> [M, N] in x's dtype.
+    config: the launch (default: DEFAULT_CONFIGS by M and N)."""
     M, K = x.shape
     N = w.shape[0]
     assert w.shape[1] == K and w.dtype == FP8 and x.stride(1) == 1 and w.stride(1) == 1
+    cfg = config or default_w8a16_config(M, N)
     out = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    bm, bn, bk, warps = _blocks(M)
+    grid = (triton.cdiv(M, cfg.BLOCK_M), triton.cdiv(N, cfg.BLOCK_N), cfg.SPLIT_K)
+    if cfg.SPLIT_K == 1:
+        part, counters, k_split = out, out, K  # unused
+    else:
+        part = torch.empty(cfg.SPLIT_K, M, N, dtype=torch.float32, device=x.device)
+        counters, k_split = tile_counters(x.device, grid[0] * grid[1]), k_slice(K, cfg.SPLIT_K, cfg.BLOCK_K)
     interp = interpreting()
-    _w8a16_kernel[(triton.cdiv(M, bm), triton.cdiv(N, bn))](
-        x, w, scale, out, M, N, K, x.stride(0), w.stride(0), out.stride(0),
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, UPCAST_DOT=interp or x.dtype == torch.float32,
-        INTERPRETED=interp, num_warps=warps, num_stages=3,
+    _w8a16_kernel[grid](
+        x, w, scale, out, part, counters, M, N, K, k_split, x.stride(0), w.stride(0), out.stride(0),
+        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, SPLIT_K=cfg.SPLIT_K,
+        UPCAST_DOT=interp or x.dtype == torch.float32, INTERPRETED=interp,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     return out
 

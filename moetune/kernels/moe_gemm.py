@@ -73,7 +73,7 @@ def k_loop(a_ptrs, b_ptrs, slot_ok, K, stride_ak, stride_bk, BLOCK_SIZE_M: tl.co
     return acc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["EM", "num_slots"])  # one compile per config, whatever the token count
 def _moe_gemm_kernel(
     a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, topk_weights_ptr,
     sorted_ids_ptr, expert_ids_ptr, num_padded_ptr,

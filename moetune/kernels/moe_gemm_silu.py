@@ -28,7 +28,7 @@ from moetune.kernels.interp import downcast
 from moetune.kernels.moe_gemm import FP8, dot_flags, k_loop, tile_coords, tile_rows
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["EM", "num_slots"])  # as _moe_gemm_kernel: one compile per config
 def _moe_gemm_silu_kernel(
     a_ptr, b_ptr, out_ptr, a_scale_ptr, b_scale_ptr, amax_ptr,
     sorted_ids_ptr, expert_ids_ptr, num_padded_ptr,

@@ -199,6 +199,19 @@ class LLMEngine:
                         pending.discard(o.request_id)
         return [out[i] for i in ids]
 
+    def warm_up(self) -> None:
+        """Prefill (and decode a token) at the token counts whose kernels Triton compiles apart: one token, a
+        few, a multiple of 16 or not, past each dense-linear tile bucket, and several sequences in one step.
+        Serving calls it before it listens, so no client waits for a compile (on an H100, prefills of a new shape
+        stalled every request in flight for 1-2 s while they compiled). Call it when idle."""
+        budget = min(self.config.max_num_batched_tokens, self.config.max_model_len - 2)
+        lengths = [n for n in (1, 5, 16, 37, 48, 100, 128, 300, 512) if n <= budget]
+        batches = [[n] for n in lengths] + [[17] * k for k in (3, 16, 64) if 17 * k <= budget]
+        greedy = SamplingParams(max_tokens=2, ignore_eos=True)
+        for batch in batches:
+            k = min(len(batch), self.config.max_num_seqs)
+            self.generate([[1 + (7 * i + j) % 1000 for j in range(n)] for i, n in enumerate(batch[:k])], greedy)
+
     # ------------------------------------------------------------------------------------------ measurement
 
     def prefill_logits(self, token_ids: list[int]) -> Tensor:

@@ -42,6 +42,9 @@ class Tokenizer:
         self.eos_id: int = self.sp.eos_id()
         self.vocab_size: int = self.sp.vocab_size()
 
+    def __reduce__(self) -> tuple:
+        return Tokenizer, (self.path,)  # the HTTP process reloads it from the file
+
     def encode(self, text: str, bos: bool = True) -> list[int]:
         return ([self.bos_id] if bos else []) + self.sp.encode(text)
 

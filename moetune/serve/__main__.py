@@ -131,8 +131,12 @@ def _compare_and_serve(engine: object, args: argparse.Namespace, w: object) -> i
         return 0
 
     table = engine.moe_table_path  # tuned: the config's default, and where compare() leaves it
+    if engine.config.device == "cuda":  # the interpreter compiles nothing: only a GPU has kernels to warm
+        t0 = time.perf_counter()
+        engine.warm_up()
+        print(f"warmed up the serving kernels in {time.perf_counter() - t0:.1f} s", flush=True)
     try:
-        server = start_server(engine, args.host, args.port)  # from here on only its thread calls the engine
+        server = start_server(engine, args.host, args.port)  # from here on only its loop calls the engine
     except OSError as e:
         raise MoetuneError(f"cannot listen on {args.host}:{args.port} ({e.strerror}); pick another --port") from None
     try:  # before the "serving" line: a signal right after it must still reach the except below

@@ -22,6 +22,7 @@ from moetune.tables import (
     CPU_TOKEN_COUNTS,
     TOKEN_COUNTS,
     device_name,
+    load_table,
     parse_token_counts,
     table_filename,
 )
@@ -54,6 +55,9 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                    "sharing each study; other hosts join a run through an RDB --storage with --resume")  # fmt: skip
     p.add_argument("--resume", action="store_true", help="continue the run recorded in --storage: M not done, "
                    "M marked incomplete by the time budget; or join a run another host keeps in an RDB")  # fmt: skip
+    p.add_argument("--prior", action="append", default=[], metavar="TABLE",
+                   help="a table (e.g. vLLM's shipped file for this GPU) whose config at each M starts the search "
+                   "and is re-timed beside the winner; repeatable")  # fmt: skip
     p.add_argument("--sampler", default="tpe", help="tpe (default) or grid (brute force, for comparisons)")
     p.add_argument("--seed", type=int, default=0, help="seeds the weights, the inputs and the sampler (any integer)")
     p.add_argument("--patience", type=int, default=40, help="stop an M after this many trials without a 1%% gain")
@@ -186,6 +190,7 @@ def run_main(args: argparse.Namespace) -> int:
     if args.sampler not in ("tpe", "grid"):
         raise MoetuneError(f"unknown --sampler {args.sampler!r}; choose tpe or grid")
     time_budget = parse_duration(args.time_budget) if args.time_budget is not None else None
+    priors = {Path(p).name: load_table(p) for p in args.prior}  # a bad file fails now, not after an hour
     batch_sizes = parse_token_counts(args.batch_sizes) if args.batch_sizes is not None else None
 
     gpu, smem_limit = _gpu_facts(args.gpus)
@@ -215,6 +220,7 @@ def run_main(args: argparse.Namespace) -> int:
     job = TableJob(
         path=path, storage=storage, shape=shape, dtype=dtype, model=model.name, tp=args.tp, device=device,
         Ms=batch_sizes or list(TOKEN_COUNTS if gpu else CPU_TOKEN_COUNTS), resume=args.resume, cache_dir=cache_dir,
+        prior_tables=priors,
     )  # fmt: skip
     factory = functools.partial(_make_bench, shape, dtype, args.seed, compile_workers, args.compile_timeout)
 

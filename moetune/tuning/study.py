@@ -276,9 +276,13 @@ def screen(
     deadline: float | None = None,
     on_trial: Callable[[], None] | None = None,
     n_max: int | None = None,
+    hard_deadline: float | None = None,
 ) -> None:
     """Run trials on `study` until its budget, the deadline or a plateau. Safe to run in several
-    processes on one study at once: the budget and the plateau are read from the shared storage."""
+    processes on one study at once: the budget and the plateau are read from the shared storage.
+    `deadline` only stops new batches (the M's share of a time budget); a batch in flight finishes unless
+    `hard_deadline` (the end of the whole budget) passes. Measured on an H100: a light M's share was 10 s
+    while its first batch compiled for 14 s, and failing that batch left the M with no timing at all."""
     n_max = n_max or budget(settings, space)
     while not _should_stop(study, settings, n_max, deadline):
         n = max(1, min(settings.batch, n_max - trial_counts(study)[0]))
@@ -286,7 +290,7 @@ def screen(
         try:
             for t in trials:
                 t.set_user_attr("owner", _owner())
-            _screen_batch(study, bench, M, trials, settings, on_trial, deadline)
+            _screen_batch(study, bench, M, trials, settings, on_trial, hard_deadline)
         except BaseException:  # Ctrl-C, a broken device: trials in flight are lost, not half-recorded
             for t in trials:
                 study.tell(t, state=TrialState.FAIL, skip_if_finished=True)
@@ -361,14 +365,19 @@ def recover_stale(study: optuna.Study, exclusive: bool = False) -> None:
 
 
 def warm_starts(
-    M: int, E: int, dtype: str, tops: Mapping[int, list[Config]], old_table: Mapping[int, Config], top_n: int = 2
+    M: int, E: int, dtype: str, tops: Mapping[int, list[Config]], old_table: Mapping[int, Config], top_n: int = 2,
+    prior_tables: Mapping[str, Mapping[int, Config]] | None = None,
 ) -> list[tuple[str, Config]]:
     """Where a study starts, evaluated in this order: the previous table's entry for this GPU, the
-    best `top_n` configs of the nearest finished M below and above (a config's time at 1024 predicts
-    1536), the built-in Hopper priors, and vLLM's default."""
+    --prior tables' entries (vLLM's shipped file, say), the best `top_n` configs of the nearest finished
+    M below and above (a config's time at 1024 predicts 1536), the built-in Hopper priors, and vLLM's
+    default."""
     starts: list[tuple[str, Config]] = []
     if old_table:
         starts.append(("existing table", old_table[nearest(old_table, M)]))
+    for name, table in (prior_tables or {}).items():
+        if table:
+            starts.append((f"--prior {name}", table[nearest(table, M)]))
     for side in (sorted(m for m in tops if m < M)[-1:], sorted(m for m in tops if m > M)[:1]):
         for m in side:
             starts += [(f"M={m}" + (f" #{i + 1}" if i else ""), c) for i, c in enumerate(tops[m][:top_n])]

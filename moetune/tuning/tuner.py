@@ -83,6 +83,7 @@ class TableJob:
     resume: bool = False
     cache_dir: Path | None = None  # our own TRITON_CACHE_DIR, pruned after each M
     cache_limit_bytes: int = 2 << 30
+    prior_tables: Mapping[str, Mapping[int, Config]] = field(default_factory=dict)  # --prior: name -> table
 
     @property
     def stem(self) -> str:
@@ -116,11 +117,11 @@ def _worker_main(rank: int, factory: BenchFactory, storage_spec: str, settings: 
     storage = open_storage(storage_spec)
     try:
         while (job := jobs.get()) is not None:
-            name, M, space, deadline, n_max = job
+            name, M, space, deadline, n_max, hard_deadline = job
             study = optuna.load_study(study_name=name, storage=storage, sampler=make_sampler(settings, space, M, rank),
                                       pruner=make_pruner(settings))  # fmt: skip
             try:
-                screen(study, bench, M, space, settings, deadline, n_max=n_max)
+                screen(study, bench, M, space, settings, deadline, n_max=n_max, hard_deadline=hard_deadline)
                 done.put((rank, None))
             except DeviceBroken as e:
                 done.put((rank, f"GPU {rank} stopped: {e}"))
@@ -145,10 +146,11 @@ class Workers:
         for p in self._procs:
             p.start()
 
-    def start(self, study_name: str, M: int, space: Space, deadline: float | None, n_max: int) -> None:
+    def start(self, study_name: str, M: int, space: Space, deadline: float | None, n_max: int,
+              hard_deadline: float | None) -> None:  # fmt: skip
         for q, p in zip(self._jobs, self._procs):
             if p.is_alive():
-                q.put((study_name, M, space, deadline, n_max))
+                q.put((study_name, M, space, deadline, n_max, hard_deadline))
 
     def wait(self) -> list[str]:
         """Block until every live worker finished the current M; returns their problems."""
@@ -345,7 +347,8 @@ def tune_table(job: TableJob, settings: Settings, factory: BenchFactory, *, work
                 weights = [cost_weight(m, a, settings) for m, a in order[i:]]
                 slice_end = time.time() + max(0.0, end - time.time()) * weights[0] / sum(weights)
             tops = {m: e.get("top") or [e["config"], _table_config(e)] for m, e in result.done.items()}
-            entry = _tune_m(job, settings, storage, bench, pool, M, tops, prior_table, slice_end, n_max[M], progress)
+            entry = _tune_m(job, settings, storage, bench, pool, M, tops, prior_table, slice_end, end, n_max[M],
+                            progress)  # fmt: skip
             progress.next_m(M)
             if entry is None:
                 result.failed[M] = "no config ran correctly (see the trials file for each reason)"
@@ -390,8 +393,8 @@ def _trial_budget(settings: Settings, space: Space, anchor: bool) -> int:
 
 
 def _tune_m(job: TableJob, settings: Settings, storage: BaseStorage, bench: Bench, pool: Workers | None, M: int,
-            tops: Mapping[int, list[Config]], old_table: Mapping[int, Config], slice_end: float | None, n_max: int,
-            progress: _Progress) -> dict | None:  # fmt: skip
+            tops: Mapping[int, list[Config]], old_table: Mapping[int, Config], slice_end: float | None,
+            run_end: float | None, n_max: int, progress: _Progress) -> dict | None:  # fmt: skip
     t0 = time.time()
     space = space_for(M, job.shape)
     study = optuna.create_study(
@@ -406,7 +409,7 @@ def _tune_m(job: TableJob, settings: Settings, storage: BaseStorage, bench: Benc
                                unit="µs (median, whole layer)", penalty_us=PENALTY_US).items():  # fmt: skip
             study.set_user_attr(key, value)
     recover_stale(study, exclusive="://" not in job.storage)
-    starts = warm_starts(M, job.shape.E, job.dtype, tops, old_table, settings.neighbour_top)
+    starts = warm_starts(M, job.shape.E, job.dtype, tops, old_table, settings.neighbour_top, job.prior_tables)
     if settings.sampler != "grid":  # the grid holds them anyway; enqueued extras would eat its budget
         for source, config in starts:
             study.enqueue_trial(space.params(config), user_attrs={"warm_start": source}, skip_if_exists=True)
@@ -415,8 +418,9 @@ def _tune_m(job: TableJob, settings: Settings, storage: BaseStorage, bench: Benc
     if slice_end is not None:
         screen_end = slice_end - settings.finalize_share * max(0.0, slice_end - t0)
     if pool:
-        pool.start(job.study_name(M), M, space, screen_end, n_max)
-    screen(study, bench, M, space, settings, screen_end, on_trial=lambda: progress.update(study, M), n_max=n_max)
+        pool.start(job.study_name(M), M, space, screen_end, n_max, run_end)
+    screen(study, bench, M, space, settings, screen_end, on_trial=lambda: progress.update(study, M), n_max=n_max,
+           hard_deadline=run_end)  # fmt: skip
     for problem in pool.wait() if pool else []:  # the others finish their trials in flight
         tqdm.write(f"warning: {problem}")
 
