@@ -4,8 +4,9 @@ For each concurrency C, C clients (split over --procs processes, so the clients'
 bottleneck) start together; each streams `--rounds` completions of `--max-tokens` tokens (ignore_eos, so
 every request is the same length). One table row per C: tok/s over the wall time, p50/p99 request latency,
 p50/p99 time to first token, dropped requests (no complete reply: connection reset, timeout, HTTP
-error), and on a moetune server its mean engine step during the level (from /metrics). With --engine-results (the JSON `python -m moetune.serve` writes) a column gives tok/s as a share
-of the engine's own decode rate at batch C.
+error), and on a moetune server its mean engine step during the level (from /metrics). With
+--engine-results (the JSON `python -m moetune.serve` writes) a column gives tok/s as a share of the
+engine's own decode rate at batch C.
 
 This starts nothing unless --spawn-tiny is given, which runs `python -m moetune.serve --model tiny` on the
 CPU for the duration (for checking the script; its numbers mean nothing).
@@ -25,8 +26,8 @@ import sys
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
-from multiprocessing import Manager
 from dataclasses import dataclass, field
+from multiprocessing import Manager
 from pathlib import Path
 from typing import Any
 
@@ -134,7 +135,9 @@ def engine_steps(base_url: str) -> tuple[float, float] | None:
         for key in ("moetune_engine_step_seconds_sum", "moetune_engine_step_seconds_count"):
             if line.startswith(key + " "):
                 vals[key] = float(line.split()[1])
-    return (vals["moetune_engine_step_seconds_sum"], vals["moetune_engine_step_seconds_count"]) if len(vals) == 2 else None
+    if len(vals) < 2:
+        return None
+    return vals["moetune_engine_step_seconds_sum"], vals["moetune_engine_step_seconds_count"]
 
 
 def engine_rates(path: Path | None) -> dict[int, float]:

@@ -17,13 +17,12 @@ from types import SimpleNamespace
 import openai
 import pytest
 import torch
+from fake_tokenizer import FakeTokenizer  # a module of its own: the HTTP process unpickles it without torch
 
 from moetune.errors import MoetuneError
 from moetune.serve import compare as cmp
 from moetune.serve.protocol import BadRequest, Message, TextStream, chat_prompt_ids, parse_json
 from moetune.serve.server import start_server
-
-from fake_tokenizer import FakeTokenizer  # a module of its own: the HTTP process unpickles it without torch
 
 
 @dataclass
