@@ -51,6 +51,18 @@ def tile_rows(sorted_ids_ptr, expert_ids_ptr, pid_m, num_slots, BLOCK_SIZE_M: tl
 
 
 @triton.jit
+def operand_ptrs(a_ptr, b_ptr, a_rows, b_rows, expert, stride_am, stride_ak, stride_be, stride_bn, stride_bk,
+                 BLOCK_SIZE_K: tl.constexpr):  # fmt: skip
+    """The first K step's A tile [BM, BK] (rows a_rows) and B tile [BK, BN] (expert's weight rows b_rows).
+    Offsets are summed before one pointer add: two chained adds cost the pipelined loop extra 64-bit
+    pointer arithmetic on its critical path (SASS: IMAD.WIDE + moves per stage)."""
+    offs_k = tl.arange(0, BLOCK_SIZE_K)
+    a_ptrs = a_ptr + (a_rows[:, None] * stride_am + offs_k[None, :] * stride_ak)
+    b_ptrs = b_ptr + expert * stride_be + (offs_k[:, None] * stride_bk + b_rows[None, :] * stride_bn)
+    return a_ptrs, b_ptrs
+
+
+@triton.jit
 def k_loop(a_ptrs, b_ptrs, slot_ok, K, stride_ak, stride_bk, BLOCK_SIZE_M: tl.constexpr,
            BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr, EVEN_K: tl.constexpr, UPCAST_DOT: tl.constexpr):
     """fp32 [BM, BN] = sum over K of A tile @ B tile; rows of A outside slot_ok read as zeros."""
@@ -94,12 +106,9 @@ def _moe_gemm_kernel(
 
     offs_n = pid_n * BLOCK_SIZE_N + tl.arange(0, BLOCK_SIZE_N)
     offs_bn = offs_n % N  # wrap instead of masking the weight loads; wrapped columns are never stored
-    offs_k = tl.arange(0, BLOCK_SIZE_K)
     a_rows = slots // A_ROW_DIV
-    # Offsets summed before one pointer add: two chained adds cost the pipelined loop extra 64-bit
-    # pointer arithmetic on its critical path (SASS: IMAD.WIDE + moves per stage).
-    a_ptrs = a_ptr + (a_rows[:, None] * stride_am + offs_k[None, :] * stride_ak)
-    b_ptrs = b_ptr + expert * stride_be + (offs_k[:, None] * stride_bk + offs_bn[None, :] * stride_bn)
+    a_ptrs, b_ptrs = operand_ptrs(a_ptr, b_ptr, a_rows, offs_bn, expert, stride_am, stride_ak, stride_be, stride_bn,
+                                  stride_bk, BLOCK_SIZE_K)  # fmt: skip
 
     acc = k_loop(a_ptrs, b_ptrs, slot_ok, K, stride_ak, stride_bk,
                  BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K, EVEN_K, UPCAST_DOT)  # fmt: skip

@@ -25,7 +25,7 @@ import triton.language as tl
 from torch import Tensor
 
 from moetune.kernels.interp import downcast
-from moetune.kernels.moe_gemm import FP8, dot_flags, k_loop, tile_coords, tile_rows
+from moetune.kernels.moe_gemm import FP8, dot_flags, k_loop, operand_ptrs, tile_coords, tile_rows
 
 
 @triton.jit(do_not_specialize=["EM", "num_slots"])  # as _moe_gemm_kernel: one compile per config
@@ -49,11 +49,9 @@ def _moe_gemm_silu_kernel(
     cols = tl.arange(0, BLOCK_SIZE_N)
     offs_n = pid_n * HALF + tl.arange(0, HALF)  # intermediate columns this program writes
     w_rows = (pid_n * HALF + cols % HALF) % N + (cols // HALF) * N  # wrapped columns are never stored
-    offs_k = tl.arange(0, BLOCK_SIZE_K)
     tokens = slots // TOP_K
-    # offsets summed before one pointer add, as in moe_gemm.py (fewer 64-bit ops in the pipelined loop)
-    a_ptrs = a_ptr + (tokens[:, None] * stride_am + offs_k[None, :] * stride_ak)
-    b_ptrs = b_ptr + expert * stride_be + (offs_k[:, None] * stride_bk + w_rows[None, :] * stride_bn)
+    a_ptrs, b_ptrs = operand_ptrs(a_ptr, b_ptr, tokens, w_rows, expert, stride_am, stride_ak, stride_be, stride_bn,
+                                  stride_bk, BLOCK_SIZE_K)  # fmt: skip
 
     acc = k_loop(a_ptrs, b_ptrs, slot_ok, K, stride_ak, stride_bk,
                  BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K, EVEN_K, UPCAST_DOT)  # fmt: skip
