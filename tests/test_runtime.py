@@ -240,6 +240,7 @@ def test_fresh_prompts_in_one_padded_attention_call_match_one_call_per_prompt(mo
     on odd lengths and a one-token prompt (GQA: 2 query heads per KV head)."""
     from types import SimpleNamespace
 
+    from moetune.runtime import context as context_module
     from moetune.runtime import layers
     from moetune.runtime.context import Context, reset_context, set_context
 
@@ -250,16 +251,19 @@ def test_fresh_prompts_in_one_padded_attention_call_match_one_call_per_prompt(mo
     attn = SimpleNamespace(num_heads=H, num_kv_heads=Hkv)
     attn._prefill_padded = lambda *a: layers.Attention._prefill_padded(attn, *a)
     cu = [0, *torch.tensor(lens).cumsum(0).tolist()]
-    set_context(Context(is_prefill=True, cu_seqlens_q=cu, start_positions=[0] * len(lens)))
+    step = lambda: set_context(Context(is_prefill=True, cu_seqlens_q=cu, start_positions=[0] * len(lens)))  # noqa: E731
+    step()
     try:
         calls = []
         real = layers.F.scaled_dot_product_attention
         monkeypatch.setattr(layers.F, "scaled_dot_product_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
         padded = layers.Attention._prefill(attn, q, k, v)
         assert len(calls) == 1  # one call for all four prompts
-        monkeypatch.setattr(layers, "PAD_WASTE", 0.0)  # never pad: the per-sequence loop
+        assert layers.Attention._prefill(attn, q, k, v).equal(padded) and len(calls) == 2  # a second layer: same layout
+        monkeypatch.setattr(context_module, "PAD_WASTE", 0.0)  # never pad: the per-sequence loop
+        step()  # a new step's context: the layout is decided per step
         looped = layers.Attention._prefill(attn, q, k, v)
-        assert len(calls) == 1 + len(lens)
+        assert len(calls) == 2 + len(lens)
     finally:
         reset_context()
     assert rel_err(padded, looped) < 1e-6

@@ -23,7 +23,7 @@ from moetune.kernels.norm import add_rms_norm, add_rms_norm_reference
 from moetune.kernels.reference import moe_reference
 from moetune.kernels.rope import rope_and_cache, rope_and_cache_reference
 from moetune.models import ModelSpec
-from moetune.runtime.context import get_context
+from moetune.runtime.context import PaddedPrefill, get_context
 from moetune.tables import ConfigTable
 
 TP_RANK, TP_SIZE = 0, 1  # read through this module (layers.TP_SIZE): `from ... import TP_SIZE` copies it
@@ -125,9 +125,6 @@ def _decode_kernel(device: torch.device) -> Callable[..., Tensor]:
     return paged_decode_attention if triton_runs(device) else paged_decode_attention_reference
 
 
-PAD_WASTE = 2.0  # fresh prompts share one padded attention call while padding at most doubles its work
-
-
 class Attention(nn.Module):
     def __init__(self, spec: ModelSpec, rotary: RotaryEmbedding, build: Build):
         super().__init__()
@@ -169,13 +166,11 @@ class Attention(nn.Module):
         chunk of a chunked prefill also sees its cached tokens)."""
         ctx, group = get_context(), self.num_heads // self.num_kv_heads
         out = torch.empty_like(q)
-        fresh = [i for i, start in enumerate(ctx.start_positions) if start == 0]
-        lens = [ctx.cu_seqlens_q[i + 1] - ctx.cu_seqlens_q[i] for i in fresh]
-        padded = len(fresh) > 1 and len(fresh) * max(lens) ** 2 <= PAD_WASTE * sum(n * n for n in lens)
-        if padded:
-            self._prefill_padded(q, k, v, fresh, lens, out)
+        padded = ctx.padded_prefill(q.device)
+        if padded is not None:
+            self._prefill_padded(q, k, v, padded, out)
         for i, start in enumerate(ctx.start_positions):
-            if padded and start == 0:
+            if padded is not None and i in padded.seqs:
                 continue
             a, b = ctx.cu_seqlens_q[i], ctx.cu_seqlens_q[i + 1]
             if start == 0:
@@ -193,19 +188,14 @@ class Attention(nn.Module):
             out[a:b] = o[0].transpose(0, 1)  # [t, H, D]
         return out
 
-    def _prefill_padded(self, q: Tensor, k: Tensor, v: Tensor, seqs: list[int], lens: list[int], out: Tensor) -> None:
-        """One SDPA over fresh prompts padded to the longest: [B, H, L, D] with a causal, padding-aware mask.
-        Why: 256 short prompts cost 256 SDPA calls and their slicing in each of 32 layers, eager Python."""
-        group, dev, L = self.num_heads // self.num_kv_heads, q.device, max(lens)
-        pos = torch.arange(L, device=dev)  # [L]
-        starts = torch.tensor([get_context().cu_seqlens_q[i] for i in seqs], device=dev)  # [B]
-        valid = pos[None, :] < torch.tensor(lens, device=dev)[:, None]  # [B, L]
-        rows = torch.where(valid, starts[:, None] + pos[None, :], 0)  # [B, L] token index, 0 for padding
-        qs = q[rows].transpose(1, 2)  # [B, H, L, D]
-        ks, vs = (t[rows].repeat_interleave(group, dim=2).transpose(1, 2) for t in (k, v))  # [B, H, L, D]
-        mask = (pos[None, :] <= pos[:, None])[None, None] & valid[:, None, None, :]  # [B, 1, L, L]; row 0 sees key 0
-        o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask).transpose(1, 2)  # [B, L, H, D]
-        out[rows[valid]] = o[valid]
+    def _prefill_padded(self, q: Tensor, k: Tensor, v: Tensor, p: PaddedPrefill, out: Tensor) -> None:
+        """One SDPA over fresh prompts padded to the longest: [B, H, L, D] with the step's causal, padding-aware
+        mask. Why: 256 short prompts cost 256 SDPA calls and their slicing in each of 32 layers, eager Python."""
+        group = self.num_heads // self.num_kv_heads
+        qs = q[p.rows].transpose(1, 2)  # [B, H, L, D]
+        ks, vs = (t[p.rows].repeat_interleave(group, dim=2).transpose(1, 2) for t in (k, v))  # [B, H, L, D]
+        o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=p.mask).transpose(1, 2)  # [B, L, H, D]
+        out[p.rows[p.valid]] = o[p.valid]
 
 
 # Which table the MoE layers read: the tuned one, vLLM's default, or the default with BLOCK_SIZE_M/K changed
