@@ -53,9 +53,7 @@ class EngineLoop:
                     while self.conn.poll(0):
                         self._apply(self.conn.recv())
                     busy = self._busy()
-                if busy:
-                    self._step()
-                self.flush()
+                self.flush(self._step() if busy else None)
 
     def fail_all(self, msg: str, status: int) -> None:
         """End every request in flight with an error (aborted in the engine); flush() sends it."""
@@ -122,14 +120,15 @@ class EngineLoop:
         elif cmd[0] == "ready":
             self.ready.set()
 
-    def _step(self) -> None:
+    def _step(self) -> float | None:
+        """One engine step; its outputs join this flush. Returns how long it took (None if it failed)."""
         t0 = time.perf_counter()
         try:
             outs = self.engine.step()
         except Exception as e:  # the engine could not single out a request: fail what runs, keep serving
             log.exception("engine step failed")
             self.fail_all(f"engine error: {e}", 500)
-            return
+            return None
         step_s = time.perf_counter() - t0
         if step_s > SLOW_STEP_S:
             log.warning("an engine step took %.1f s (%d outputs): every request in flight waited", step_s, len(outs))
@@ -142,4 +141,4 @@ class EngineLoop:
                               500 if error else 200))  # fmt: skip
             if out.finished:
                 del self._rid[key], self._key[out.request_id]
-        self.flush(step_s)
+        return step_s
