@@ -6,13 +6,17 @@ the default config and with a table's config, against the roofline floor measure
 Timings are CUDA-graph replays after warm-up, median of many. Inputs are random, never zeros.
 The tuner's finalists are timed by the same KernelBench.time, so a sidecar's tuned_us and this
 command's table_us for that config agree. `--against TABLE` adds a column timing another table's
-config (vLLM's shipped file, say) on our kernel in the same run, and the ratio per M.
+config (vLLM's shipped file, say) on our kernel in the same run, and the ratio per M. The two configs
+are then timed in alternating rounds (A B, B A, ...), medians of the rounds: at large M the layer is
+compute-bound and the clock sags with heat, so back-to-back timings of one config twice differed by
+up to 9% on an H100 (2026-11-26); alternation lets that drift hit both alike.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import statistics
 from pathlib import Path
 
 import pandas as pd
@@ -39,6 +43,7 @@ from moetune.tuning.bench import KernelBench
 
 log = logging.getLogger("moetune")
 BENCH_TOKEN_COUNTS = (1, 16, 64, 256, 1024, 4096)  # the M values of the issue's target table; CPU: CPU_TOKEN_COUNTS
+ROUNDS = 5  # --against: alternating rounds of the two configs
 GPU_REPS, CPU_REPS = 50, 4  # the interpreter takes seconds a call at M=64: CPU defaults finish in well under a minute
 
 
@@ -57,6 +62,8 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--csv", type=Path, help="where to write the rows (default: runs/bench/<model>-<dtype>-tp<N>.csv)")
     p.add_argument("--reps", type=int, help=f"timed graph replays per config, median reported (default: {GPU_REPS}; "
                    f"{CPU_REPS} on the CPU, where timings mean nothing)")  # fmt: skip
+    p.add_argument("--rounds", type=int, help=f"with --against: alternating rounds of the two configs (default: "
+                   f"{ROUNDS}; 1 on the CPU)")  # fmt: skip
 
 
 def floor_us(bench: KernelBench, M: int, ceilings: Ceilings) -> float:
@@ -76,23 +83,33 @@ def _checked(bench: KernelBench, config: dict, M: int, what: str) -> float:
     return err
 
 
+def paired_us(bench: KernelBench, a: dict, b: dict, M: int, reps: int, rounds: int) -> tuple[float, float]:
+    """Median µs of configs a and b over `rounds` alternating rounds (a b, b a, a b, ...)."""
+    samples: tuple[list[float], list[float]] = ([], [])
+    for r in range(rounds):
+        for i in (0, 1) if r % 2 == 0 else (1, 0):
+            samples[i].append(bench.time((a, b)[i], M, reps))
+    return statistics.median(samples[0]), statistics.median(samples[1])
+
+
 def bench_one(bench: KernelBench, M: int, table: ConfigTable, ceilings: Ceilings, reps: int,
-              against: ConfigTable | None = None) -> dict:  # fmt: skip
+              against: ConfigTable | None = None, rounds: int = ROUNDS) -> dict:  # fmt: skip
     """One row: check the table's config against the reference at this M, then time the configs."""
     tuned_cfg, default_cfg = table.pick(M), default_config(M, bench.shape.E)
     err = _checked(bench, tuned_cfg, M, "the table's")
     default_us = bench.time(default_cfg, M, reps)
     tuned_us = bench.time(tuned_cfg, M, reps) if table.path else default_us
+    if against is not None:
+        other = against.pick(M)
+        _checked(bench, other, M, f"--against {against.path.name}'s")
+        tuned_us, against_us = paired_us(bench, tuned_cfg, other, M, reps, rounds)
     floor = floor_us(bench, M, ceilings)
     row = dict(
         M=M, default_us=default_us, table_us=tuned_us, speedup=default_us / tuned_us, floor_us=floor,
         frac_of_floor=floor / tuned_us, rel_err=err, config="/".join(str(tuned_cfg[k]) for k in tuned_cfg),
     )  # fmt: skip
     if against is not None:
-        other = against.pick(M)
-        _checked(bench, other, M, f"--against {against.path.name}'s")
-        row["against_us"] = bench.time(other, M, reps)
-        row["ratio"] = row["against_us"] / tuned_us  # >= 1: our table's config is at least as fast
+        row["against_us"], row["ratio"] = against_us, against_us / tuned_us  # ratio >= 1: ours is at least as fast
     return row
 
 
@@ -120,8 +137,11 @@ def bench_main(args: argparse.Namespace) -> int:
     shape = moe_shape(model, args.tp)
     if args.reps is None:
         args.reps = GPU_REPS if on_gpu() else CPU_REPS
-    if args.reps < 1:
-        raise MoetuneError(f"--reps {args.reps} is out of range; give a whole number of at least 1")
+    if args.rounds is None:
+        args.rounds = ROUNDS if on_gpu() else 1
+    for flag, value in (("--reps", args.reps), ("--rounds", args.rounds)):
+        if value < 1:
+            raise MoetuneError(f"{flag} {value} is out of range; give a whole number of at least 1")
     if args.batch_sizes is None:
         counts = list(BENCH_TOKEN_COUNTS if on_gpu() else CPU_TOKEN_COUNTS)
     else:
@@ -148,7 +168,7 @@ def bench_main(args: argparse.Namespace) -> int:
         print("CPU (Triton interpreter): timings and floors are meaningless; this only proves the pipeline runs")
 
     bar = tqdm(counts, desc="bench", unit="M", leave=False)
-    df = pd.DataFrame([bench_one(bench, M, table, ceilings, args.reps, against) for M in bar])
+    df = pd.DataFrame([bench_one(bench, M, table, ceilings, args.reps, against, args.rounds) for M in bar])
     ratios = {c: (lambda v: f"{v:.3f}") for c in ("speedup", "frac_of_floor", "ratio") if c in df}  # 1.0 hides 0.96
     print(df.to_string(index=False, formatters=ratios, float_format=lambda v: f"{v:.3g}" if abs(v) < 1 else f"{v:.1f}"))
     out = args.csv or Path("runs/bench") / f"{model.name}-{dtype}-tp{args.tp}.csv"

@@ -36,6 +36,7 @@ def test_bench_without_gpu_says_so_in_one_line(capsys):
         (["--tp", "5"], "--tp 5 does not divide"),
         (["--model", "llama"], "unknown model 'llama'"),
         (["--reps", "0"], "--reps 0 is out of range"),
+        (["--rounds", "0"], "--rounds 0 is out of range"),
     ],
 )
 def test_bench_bad_arguments_get_one_clear_line(args, message, capsys):
@@ -61,6 +62,25 @@ def test_bench_against_times_another_tables_config_in_the_same_run_and_prints_th
     assert "against:" in capsys.readouterr().out
     df = pd.read_csv(csv)
     assert df.loc[0, "ratio"] == pytest.approx(df.loc[0, "against_us"] / df.loc[0, "table_us"])
+
+
+def test_against_alternates_the_two_configs_so_clock_drift_hits_both_alike():
+    from moetune.bench import paired_us
+
+    class DriftingBench:  # every timing is slower than the last, as a heating GPU's clock sags
+        def __init__(self):
+            self.order, self.t = [], 100.0
+
+        def time(self, config, M, reps):
+            self.order.append(config["name"])
+            self.t += 10.0
+            return self.t
+
+    bench = DriftingBench()
+    a_us, b_us = paired_us(bench, {"name": "a"}, {"name": "b"}, M=1, reps=1, rounds=4)
+    assert bench.order == ["a", "b", "b", "a", "a", "b", "b", "a"]
+    assert a_us == b_us  # back to back (a a a a b b b b) would have called a 40 µs faster
+
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the tables are named for the CPU interpreter")
