@@ -5,7 +5,8 @@
 
 Two engines, one after the other in this process (close() must free the first): dense linears bf16,
 then fp8. On each, the batch-1 decode CUDA graph is re-captured per option (fused add+RMSNorm and
-RoPE+KV-write on/off, split-KV partition size), since the options are per-layer function choices.
+RoPE+KV-write on/off, split-KV partition size, one-launch MoE router on/off), since the options are
+per-layer function choices.
 Dummy weights; decode context --context-len tokens. Prints the compact table last; writes JSON + CSV.
 """
 
@@ -31,7 +32,7 @@ if not torch.cuda.is_available():
 from moetune.kernels.norm import add_rms_norm, add_rms_norm_reference  # noqa: E402
 from moetune.kernels.rope import rope_and_cache, rope_and_cache_reference  # noqa: E402
 from moetune.runtime import EngineConfig, LLMEngine  # noqa: E402
-from moetune.runtime.layers import Attention, RMSNorm  # noqa: E402
+from moetune.runtime.layers import Attention, RMSNorm, SparseMoeBlock  # noqa: E402
 from moetune.serve.compare import fixed_prompt, time_ttft_ms  # noqa: E402
 
 # the step profile's rows, matched against kernel names (first hit wins); the rest is "small torch kernels"
@@ -48,14 +49,17 @@ VIEW_OPS = {"view", "_unsafe_view", "reshape", "split", "split_with_sizes", "sli
             "empty_strided", "unbind", "chunk", "narrow", "_reshape_alias", "lift_fresh"}  # fmt: skip
 
 
-def set_options(engine: LLMEngine, fused: bool, partition: int) -> None:
-    """Switch every layer's norm/rope functions and attention partition size, then re-capture the graphs."""
+def set_options(engine: LLMEngine, fused: bool, partition: int, router: bool = True) -> None:
+    """Switch every layer's norm/rope functions, attention partition size and MoE router (one launch with
+    routing, or F.linear before it), then re-capture the graphs."""
     for m in engine.runner.model.modules():
         if isinstance(m, RMSNorm):
             m.norm = add_rms_norm if fused else add_rms_norm_reference
         elif isinstance(m, Attention):
             m.rope_and_cache = rope_and_cache if fused else rope_and_cache_reference
             m.partition_tokens = partition
+        elif isinstance(m, SparseMoeBlock):
+            m.fused_router = router
     if engine.runner.use_graphs:
         engine.runner.capture_graphs()
 
@@ -155,10 +159,10 @@ def main() -> int:
     def tok_s(engine: LLMEngine, batch: int) -> float:
         return batch * 1e6 / engine.decode_step_time_us(batch, ctx, steps)
 
-    def b1(engine: LLMEngine, name: str, fused: bool, partition: int) -> None:
-        set_options(engine, fused, partition)
+    def b1(engine: LLMEngine, name: str, fused: bool, partition: int, router: bool = True) -> None:
+        set_options(engine, fused, partition, router)
         row = {"option": name, "dense": engine.config.dense_dtype, "fused_norm_rope": fused,
-               "partition_tokens": partition or "auto", "tok_s": tok_s(engine, 1)}  # fmt: skip
+               "partition_tokens": partition or "auto", "fused_router": router, "tok_s": tok_s(engine, 1)}  # fmt: skip
         results["decode_b1"].append(row)
         print(f"  {name:<44} {row['tok_s']:8.1f} tok/s", flush=True)
 
@@ -178,7 +182,10 @@ def main() -> int:
     b1(eng, "+ fp8 dense (w8a16)", True, 0)
     b1(eng, "  same, split-KV off (one partition)", True, 1 << 30)
     b1(eng, "  same, eager norm/rope", False, 0)
+    b1(eng, "  same, router linear and x quant apart", True, 0, router=False)
+    results["launches"]["fp8 dense, router apart"] = count_launches(eng, ctx)
     set_options(eng, True, 0)
+    results["launches"]["fp8 dense, one-launch router"] = count_launches(eng, ctx)
     results["profile"] = step_profile(eng, ctx)
     for b in batches:
         results["batch"].append({"batch": b, "tok_s": tok_s(eng, b)})

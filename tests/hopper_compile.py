@@ -18,7 +18,18 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from moetune.kernels import activation, attention, linear_fp8, moe_gemm, moe_gemm_silu, moe_gemv, norm, rope, routing  # noqa: E402
+from moetune.kernels import (  # noqa: E402
+    activation,
+    attention,
+    linear_fp8,
+    moe_gemm,
+    moe_gemm_silu,
+    moe_gemv,
+    norm,
+    rope,
+    route_decode,
+    routing,
+)
 from moetune.tables import default_config  # noqa: E402
 
 HOPPER = GPUTarget("cuda", 90, 32)
@@ -28,7 +39,8 @@ HOPPER = GPUTarget("cuda", 90, 32)
 MIXTRAL_INTS = dict(N=14336, K=4096, stride_am=4096, stride_ak=1, stride_be=28672 * 4096, stride_bn=4096,
                     stride_bk=1, stride_cm=28672, stride_cn=1, stride_om=14336, stride_on=1, stride_h=28672, stride_out=14336,
                     stride_in=28672, K_SPLIT=1024,
-                    stride_xt=4096, stride_we=28672 * 4096, stride_wn=4096, stride_wk=14336, stride_ot=4096)  # fmt: skip
+                    stride_xt=4096, stride_we=28672 * 4096, stride_wn=4096, stride_wk=14336, stride_ot=4096,
+                    stride_ge=4096, stride_qt=4096)  # fmt: skip
 
 
 def compile_for_hopper(kernel, types: dict[str, str], constexprs: dict, num_warps: int = 4, num_stages: int = 3):
@@ -78,6 +90,13 @@ def other_variants():
                {"logits_ptr": "*fp32", "weights_ptr": "*fp32", "ids_ptr": "*i32", "sorted_ids_ptr": "*i32",
                 "expert_ids_ptr": "*i32", "num_padded_ptr": "*i32"},
                dict(TOP_K=2, BLOCK_M=64, E_PAD=8, BLOCK_T=128, BLOCK_S=256, BLOCK_FILL=1024, ALIGN=align), 4, 1)  # fmt: skip
+    for tokens, align, quant in ((1, True, True), (16, True, True), (1, False, False)):  # tiled fp8 / bf16, GEMV
+        yield (f"route_decode/T={tokens}/align={align}/quant={quant}", route_decode._route_decode_kernel,
+               {"x_ptr": "*bf16", "gate_ptr": "*bf16", "weights_ptr": "*fp32", "ids_ptr": "*i32", "sorted_ids_ptr": "*i32",
+                "expert_ids_ptr": "*i32", "num_padded_ptr": "*i32", "xq_ptr": "*fp8e4nv", "x_scale_ptr": "*fp32"},
+               dict(TOP_K=2, BLOCK_M=64, E_PAD=8, BLOCK_T=tokens, BLOCK_K=4096, **routing.align_blocks(8), ALIGN=align,
+                    QUANT=quant, INTERPRETED=False) | ({"T": 1} if tokens == 1 else {}),
+               route_decode.decode_warps(8, 4096), 1)  # fmt: skip
     for out, amax in (("bf16", False), ("bf16", True)):
         yield (f"silu_mul/amax={amax}", activation._silu_mul_kernel,
                {"h_ptr": "*bf16", "out_ptr": f"*{out}", "amax_ptr": "*fp32"},

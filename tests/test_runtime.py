@@ -203,6 +203,26 @@ def test_fused_moe_backend_matches_transformers(tiny_checkpoint, tiny_hf_model, 
         assert tokens == hf_greedy(tiny_hf_model, prompt, n)[0]
 
 
+@pytest.mark.parametrize("dtype", ["bf16", "fp8"])
+def test_one_launch_router_gives_the_logits_of_the_router_linear(tiny_checkpoint, dtype, monkeypatch):
+    """fused_router on (route_decode up to 16 tokens) and off (F.linear, then fused_moe): the same logits,
+    bit for bit, for prompts of 1 to 7 tokens (one launch) and 18 (F.linear inside fused_moe_routed)."""
+    from moetune.kernels import fused_moe
+
+    calls = []
+    real = fused_moe.route_decode
+    monkeypatch.setattr(fused_moe, "route_decode", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    engines = {on: make_engine(tiny_checkpoint, dtype=dtype, moe_backend="triton", dense_dtype="bf16", fused_router=on)
+               for on in (True, False)}  # fmt: skip
+    assert [e.runner.model.model.layers[0].block_sparse_moe.fused_router for e in engines.values()] == [True, False]
+    params = SamplingParams(max_tokens=4, ignore_eos=True)
+    for prompt in (PROMPTS[2][:1], PROMPTS[0], PROMPTS[1]):
+        on, off = (engines[k].prefill_logits(prompt) for k in (True, False))
+        assert torch.equal(on, off), f"{len(prompt)} tokens"
+    assert engines[True].generate([PROMPTS[4]], params) == engines[False].generate([PROMPTS[4]], params)
+    assert len(calls) == 2 * (2 + 4)  # 2 layers x (prompts of 1 and 7 tokens, 4 steps making 4 tokens)
+
+
 def test_fp32_with_the_fused_kernel_is_refused(tiny_checkpoint):
     from moetune.errors import MoetuneError
 

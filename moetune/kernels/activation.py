@@ -28,6 +28,14 @@ ROW_PASS_MIN_ROWS = 256  # from this many rows on, quantize_rows' one pass fills
 
 
 @triton.jit
+def quantize_row(v, dtype: tl.constexpr, INTERPRETED: tl.constexpr):
+    """One row's fp32 values [BLOCK] (0 in masked lanes) -> (e4m3 values, scale) with v ~ q * scale,
+    scale = max|v| / 448: the row's largest value lands on e4m3's largest."""
+    scale = tl.maximum(tl.max(tl.abs(v), axis=0), 1e-12) / 448.0
+    return downcast(tl.clamp(v / scale, -448.0, 448.0), dtype, INTERPRETED), scale
+
+
+@triton.jit
 def _quantize_rows_kernel(
     in_ptr, out_ptr, scale_ptr, n_cols, stride_in, stride_out,
     BLOCK: tl.constexpr, SILU: tl.constexpr, INTERPRETED: tl.constexpr,
@@ -40,9 +48,8 @@ def _quantize_rows_kernel(
     if SILU:
         up = tl.load(in_ptr + row * stride_in + n_cols + cols, mask=ok, other=0.0).to(tl.float32)
         v = v * tl.sigmoid(v) * up
-    scale = tl.maximum(tl.max(tl.abs(v), axis=0), 1e-12) / 448.0
+    q, scale = quantize_row(v, out_ptr.dtype.element_ty, INTERPRETED)
     tl.store(scale_ptr + row, scale)
-    q = downcast(tl.clamp(v / scale, -448.0, 448.0), out_ptr.dtype.element_ty, INTERPRETED)
     tl.store(out_ptr + row * stride_out + cols, q, mask=ok)
 
 
@@ -94,11 +101,16 @@ def _row_warps(block: int) -> int:
     return min(16, max(4, block // 1024))  # about 32 values of a row per thread
 
 
+def fp8_rows(rows: int, cols: int, device: torch.device, alloc=torch.empty) -> tuple[Tensor, Tensor]:
+    """The buffers of quantised rows: e4m3 values [rows, cols] and one fp32 scale per row [rows]."""
+    return alloc((rows, cols), dtype=FP8, device=device), alloc((rows,), dtype=torch.float32, device=device)
+
+
 def quantize_rows(x: Tensor, alloc=torch.empty, silu: bool = False) -> tuple[Tensor, Tensor]:
     """Rows of x -> (e4m3 rows, scale [rows] fp32) with row ~ q * scale. With silu, x is h [S, 2N]
     and the rows quantised are silu(gate) * up [S, N]."""
     rows, cols = x.shape[0], x.shape[1] // 2 if silu else x.shape[1]
-    out, scale = alloc((rows, cols), dtype=FP8, device=x.device), alloc((rows,), dtype=torch.float32, device=x.device)
+    out, scale = fp8_rows(rows, cols, x.device, alloc)
     block = triton.next_power_of_2(cols)
     if rows:
         _quantize_rows_kernel[(rows,)](
@@ -121,7 +133,7 @@ def silu_mul(h: Tensor, out: Tensor, amax: Tensor | None = None) -> None:
 def quantize_with_amax(v: Tensor, amax: Tensor, alloc=torch.empty) -> tuple[Tensor, Tensor]:
     """bf16 rows whose |max| is already in amax [rows] -> (e4m3 rows, scale [rows])."""
     rows, cols = v.shape
-    out, scale = alloc((rows, cols), dtype=FP8, device=v.device), alloc((rows,), dtype=torch.float32, device=v.device)
+    out, scale = fp8_rows(rows, cols, v.device, alloc)
     block = min(2048, triton.next_power_of_2(cols))
     _quantize_with_amax_kernel[(rows, triton.cdiv(cols, block))](
         v, out, amax, scale, cols, v.stride(0), out.stride(0), BLOCK=block, INTERPRETED=interpreting(),

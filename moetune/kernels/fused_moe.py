@@ -3,12 +3,19 @@
     route_and_align   (1 or 3 launches) softmax -> top-k -> renormalise; slots grouped by expert and
                                         padded to BLOCK_SIZE_M (routing.py)
     [fp8] quantize x  (1 launch)  one scale per token, one pass (activation.py)
+      or, through fused_moe_routed at decode sizes, one launch for the router linear, routing and
+      quantising x                                                                      (route_decode.py)
     GEMM1             (1 launch)  h[slot] = x[token] @ W13[e].T              [S, 2N]   (moe_gemm.py)
     silu_mul          (1-2)       act = silu(h[:, :N]) * h[:, N:]            [S, N]    (activation.py)
       or, with the knob fuse_silu=1, GEMM1 writes act directly                          (moe_gemm_silu.py)
     GEMM2             (1 launch)  y[slot] = w_slot * act[slot] @ W2[e].T     [S, K]    (moe_gemm.py)
     topk_sum          (1 launch)  out[token] = sum_k y[token * top_k + k]    [T, K]    (activation.py)
-    or, with kernel="gemv", the decode path of moe_gemv.py.
+    or, with kernel="gemv", routing (either way) and the decode path of moe_gemv.py.
+
+The sum over top_k stays its own launch: the GEMMs (which define what a tuned table means) write one
+row per slot, and the one consumer that could absorb the sum, the next layer's add + RMSNorm, would
+need the MoE output unsummed across the decoder layers and, with tensor parallelism, before the
+all-reduce (twice its bytes, rounded differently); all that for ~2 µs a layer.
 
 S = T * top_k slots. Both GEMMs share one config of vLLM's six knobs, because the sorted slot list is
 padded to one BLOCK_SIZE_M: that is what makes our tables loadable by vLLM and SGLang. Nothing here
@@ -21,6 +28,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from moetune.errors import MoetuneError
@@ -30,6 +38,7 @@ from moetune.kernels.knobs import check_config
 from moetune.kernels.moe_gemm import FP8, moe_gemm
 from moetune.kernels.moe_gemm_silu import moe_gemm_silu
 from moetune.kernels.moe_gemv import fused_moe_gemv
+from moetune.kernels.route_decode import one_launch, route_decode
 from moetune.kernels.routing import route_and_align
 from moetune.tables import default_config
 
@@ -45,9 +54,11 @@ def quantize_fp8_per_expert(w: Tensor) -> tuple[Tensor, Tensor]:
     return wq, scale
 
 
-def check_moe_inputs(x: Tensor, router_logits: Tensor, w13: Tensor, w2: Tensor, top_k: int,
-                     w13_scale: Tensor | None, w2_scale: Tensor | None) -> None:  # fmt: skip
-    """Shape and dtype checks on metadata only (no device reads): a wrong call fails with a clear message."""
+def check_moe_inputs(x: Tensor, router_logits: Tensor | None, w13: Tensor, w2: Tensor, top_k: int,
+                     w13_scale: Tensor | None, w2_scale: Tensor | None,
+                     gate: Tensor | None = None) -> None:  # fmt: skip
+    """Shape and dtype checks on metadata only (no device reads): a wrong call fails with a clear message.
+    The router comes as its logits or (gate) its weight."""
     if x.dim() != 2 or w13.dim() != 3 or w2.dim() != 3:
         raise MoetuneError(f"expected x [T, K], w13 [E, 2N, K], w2 [E, K, N]; got {list(x.shape)}, "
                            f"{list(w13.shape)}, {list(w2.shape)}")  # fmt: skip
@@ -55,7 +66,7 @@ def check_moe_inputs(x: Tensor, router_logits: Tensor, w13: Tensor, w2: Tensor, 
     E, two_n, K1 = w13.shape
     if K1 != K or w2.shape[0] != E or w2.shape[1] != K or w2.shape[2] * 2 != two_n:
         raise MoetuneError(f"MoE shapes disagree: x {list(x.shape)}, w13 {list(w13.shape)}, w2 {list(w2.shape)}")
-    if router_logits.shape != (T, E):
+    if router_logits is not None and router_logits.shape != (T, E):
         raise MoetuneError(f"router_logits must be [T={T}, E={E}], got {list(router_logits.shape)}")
     if not 1 <= top_k <= E:
         raise MoetuneError(f"top_k={top_k} must be between 1 and the number of experts ({E})")
@@ -66,6 +77,9 @@ def check_moe_inputs(x: Tensor, router_logits: Tensor, w13: Tensor, w2: Tensor, 
         raise MoetuneError("fp8 needs both weights in float8_e4m3fn and both per-expert scales")
     if w13.dtype != FP8 and w13.dtype != x.dtype:
         raise MoetuneError(f"weights are {w13.dtype} but x is {x.dtype}; they must match (or weights fp8)")
+    if gate is not None and (gate.shape != (E, K) or gate.dtype != x.dtype):
+        raise MoetuneError(f"gate (the router weight) must be [E={E}, K={K}] in x's dtype {x.dtype}; "
+                           f"got {list(gate.shape)} {gate.dtype}")  # fmt: skip
 
 
 _checked_configs: dict[tuple, dict[str, Any]] = {}
@@ -102,31 +116,73 @@ def fused_moe(
     w13_scale: Tensor | None = None,  # [E] fp32, fp8 only
     w2_scale: Tensor | None = None,  # [E] fp32, fp8 only
 ) -> Tensor:
-    """The whole Mixtral MoE layer. Returns [T, K] in x.dtype."""
+    """The whole Mixtral MoE layer (vLLM's signature). Returns [T, K] in x.dtype."""
     check_moe_inputs(x, router_logits, w13, w2, top_k, w13_scale, w2_scale)
+    return _moe_layer(x, w13, w2, top_k, config, w13_scale, w2_scale, logits=router_logits)
+
+
+def fused_moe_routed(
+    x: Tensor,  # [T, K] bf16 / fp16
+    gate: Tensor,  # [E, K] in x.dtype: the router's weight
+    w13: Tensor,
+    w2: Tensor,
+    top_k: int,
+    config: Mapping[str, Any] | None = None,
+    w13_scale: Tensor | None = None,
+    w2_scale: Tensor | None = None,
+) -> Tensor:
+    """fused_moe(x, F.linear(x, gate), ...), same result: up to ONE_LAUNCH_MAX_TOKENS tokens one launch
+    computes the logits, routes, aligns and (fp8) quantises x (route_decode.py); more take F.linear."""
+    check_moe_inputs(x, None, w13, w2, top_k, w13_scale, w2_scale, gate=gate)
+    return _moe_layer(x, w13, w2, top_k, config, w13_scale, w2_scale, gate=gate)
+
+
+def _moe_layer(x: Tensor, w13: Tensor, w2: Tensor, top_k: int, config: Mapping[str, Any] | None,
+               w13_scale: Tensor | None, w2_scale: Tensor | None, logits: Tensor | None = None,
+               gate: Tensor | None = None) -> Tensor:  # fmt: skip
+    """Both entries' layer, inputs checked: routing from the logits or the gate, then the experts."""
     T, K = x.shape
-    N = w2.shape[2]
     if T == 0:
         return x.new_empty((0, K))
     config = _checked(config or default_config(T, w13.shape[0]))
     x = x.contiguous()
-    if config.get("kernel") == "gemv":
-        return fused_moe_gemv(x, router_logits, w13, w2, top_k, config, w13_scale, w2_scale, alloc, interpreting())
-    topk_weights, _, sorted_ids, expert_ids, num_padded = route_and_align(
-        router_logits, top_k, config["BLOCK_SIZE_M"], alloc=alloc
-    )
-    routing = (sorted_ids, expert_ids, num_padded)
-    S, dev, use_fp8 = T * top_k, x.device, w13.dtype == FP8
+    gemv = config.get("kernel") == "gemv"
+    quant = w13.dtype == FP8 and not gemv  # GEMV is w8a16: x stays 16-bit
+    routing, (a1, a1_scale) = _route(x, logits, gate, top_k, config["BLOCK_SIZE_M"], align=not gemv, quant=quant)
+    if gemv:
+        return fused_moe_gemv(x, *routing, w13, w2, top_k, config, w13_scale, w2_scale, alloc, interpreting())
+    return _tiled_experts(x, a1, a1_scale, routing, w13, w2, top_k, config, w13_scale, w2_scale)
 
-    a1, a1_scale = quantize_rows(x, alloc) if use_fp8 else (x, None)  # [T, K], [T]
+
+def _route(x: Tensor, logits: Tensor | None, gate: Tensor | None, top_k: int, block_m: int, align: bool,
+           quant: bool) -> tuple[tuple[Tensor, ...], tuple[Tensor, Tensor | None]]:  # fmt: skip
+    """(routing as route_and_align returns it, GEMM1's input and its per-token scale): x in e4m3 with
+    quant, else (x, None). From the gate at decode sizes in one launch; else from the logits, computed
+    if only the gate was given."""
+    if gate is not None and one_launch(x.shape[0], gate.shape[0], x.shape[1]):
+        routing, quantised = route_decode(x, gate, top_k, block_m, alloc, align=align, quant=quant)
+        return routing, quantised or (x, None)
+    if logits is None:
+        logits = F.linear(x, gate)  # [T, E]
+    routing = route_and_align(logits, top_k, block_m, alloc=alloc, align=align)
+    return routing, quantize_rows(x, alloc) if quant else (x, None)  # [T, K], [T]
+
+
+def _tiled_experts(x: Tensor, a1: Tensor, a1_scale: Tensor | None, routing: tuple[Tensor, ...], w13: Tensor,
+                   w2: Tensor, top_k: int, config: dict[str, Any], w13_scale: Tensor | None,
+                   w2_scale: Tensor | None) -> Tensor:  # fmt: skip
+    """GEMM1 -> SiLU x up -> GEMM2 over the aligned slots, then the sum over top_k. Returns [T, K] in x.dtype."""
+    topk_weights, _, *aligned = routing  # aligned: sorted_ids, expert_ids, num_padded
+    (T, K), N = x.shape, w2.shape[2]
+    S, dev, use_fp8 = T * top_k, x.device, w13.dtype == FP8
     if config.get("fuse_silu"):
         act = alloc((S, N), dtype=x.dtype, device=dev)  # [S, N]
         amax = torch.zeros(S, dtype=torch.float32, device=dev) if use_fp8 else None  # atomic_max starts at 0
-        moe_gemm_silu(a1, w13, act, a1_scale, w13_scale, amax, *routing, top_k=top_k, config=config)
+        moe_gemm_silu(a1, w13, act, a1_scale, w13_scale, amax, *aligned, top_k=top_k, config=config)
         act, act_scale = quantize_with_amax(act, amax, alloc) if use_fp8 else (act, None)
     else:
         h = alloc((S, 2 * N), dtype=x.dtype, device=dev)  # [S, 2N]
-        moe_gemm(a1, w13, h, a1_scale, w13_scale, topk_weights, *routing, a_row_div=top_k,
+        moe_gemm(a1, w13, h, a1_scale, w13_scale, topk_weights, *aligned, a_row_div=top_k,
                  mul_routed_weight=False, config=config)  # fmt: skip
         if use_fp8:
             act, act_scale = silu_mul_fp8(h, alloc)  # [S, N] e4m3, [S]
@@ -135,6 +191,6 @@ def fused_moe(
             silu_mul(h, act)
 
     y = alloc((S, K), dtype=x.dtype, device=dev)  # [S, K], each slot already weighted
-    moe_gemm(act, w2, y, act_scale, w2_scale, topk_weights, *routing, a_row_div=1, mul_routed_weight=True,
+    moe_gemm(act, w2, y, act_scale, w2_scale, topk_weights, *aligned, a_row_div=1, mul_routed_weight=True,
              config=config)  # fmt: skip
     return topk_sum(y, top_k, alloc) if top_k > 1 else y

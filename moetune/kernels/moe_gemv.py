@@ -1,6 +1,7 @@
 """Decode-sized MoE (a few tokens): two GEMV kernels instead of the tiled path's block alignment.
 
-    route            (1 launch)  softmax -> top-k -> renormalise
+    route            (1 launch)  softmax -> top-k -> renormalise, by the caller (fused_moe: routing.py, or
+                                 from the router weight route_decode.py, which also does the router linear)
     gate/up + SiLU   (1 launch)  act[slot] = silu(W1_e x) * (W3_e x)                 [S, N] fp32
     down + top-k sum (1 launch)  out[t] = sum_k w_k * W2_e(k) act[t * top_k + k]     [T, K]
 
@@ -23,7 +24,6 @@ import triton.language as tl
 from torch import Tensor
 
 from moetune.kernels.interp import downcast
-from moetune.kernels.routing import route_and_align
 
 
 @triton.jit
@@ -89,15 +89,15 @@ def _gemv_down_kernel(
 
 
 def fused_moe_gemv(
-    x: Tensor, router_logits: Tensor, w13: Tensor, w2: Tensor, top_k: int, config: Mapping[str, int],
+    x: Tensor, topk_weights: Tensor, topk_ids: Tensor, w13: Tensor, w2: Tensor, top_k: int, config: Mapping[str, int],
     w13_scale: Tensor | None, w2_scale: Tensor | None, alloc=torch.empty, interpreted: bool = False,
 ) -> Tensor:
-    """Same contract as fused_moe (inputs already checked by it). Returns [T, K] in x.dtype."""
+    """fused_moe's layer from its routing (topk_weights [T, k] fp32, topk_ids [T, k] int32, routed by
+    fused_moe, which also checked the inputs). Returns [T, K] in x.dtype."""
     T, K = x.shape
     N = w2.shape[2]
     use_fp8 = w13.dtype == torch.float8_e4m3fn
     bn, bk, warps, stages = config["BLOCK_SIZE_N"], config["BLOCK_SIZE_K"], config["num_warps"], config["num_stages"]
-    topk_weights, topk_ids = route_and_align(router_logits, top_k, block_m=16, alloc=alloc, align=False)
     act = alloc((T * top_k, N), dtype=torch.float32, device=x.device)  # [S, N]
     _gemv_gate_up_kernel[(T * top_k, triton.cdiv(N, bn))](
         x, w13, w13_scale if use_fp8 else w13, topk_ids, act, N, K,

@@ -10,7 +10,9 @@ Two ways, one result:
                  counts again in every program, then scatters slots and writes the padding. One CTA
                  took 243 µs at T=4096 on an H100; this is meant to take about 10.
 Within an expert the slot order may differ between the two (atomics), which changes no result: each
-GEMM row depends only on its own slot.
+GEMM row depends only on its own slot. route_decode.py is the one-program path again, for decode
+sizes, starting from the router weight (it computes the logits too): it shares route_logits and
+align_slots, so its decisions and layout are the one-program path's.
 
 Output layout (what the expert GEMM reads):
   sorted_ids [max_padded]   slot indices (token * top_k + k), grouped by expert; padding = T * top_k
@@ -37,11 +39,22 @@ PARALLEL_MIN_TOKENS = 128  # above this many tokens, the parallel path
 @triton.jit
 def route_block(logits_ptr, stride_lt, weights_ptr, ids_ptr, tokens, T, E, TOP_K: tl.constexpr,
                 E_PAD: tl.constexpr):  # fmt: skip
-    """Route a block of tokens: store their top-k weights and expert ids; return per-expert counts."""
+    """Route a block of tokens from logits in memory: store their top-k weights and expert ids; return
+    per-expert counts."""
     experts = tl.arange(0, E_PAD)
     valid = (tokens < T)[:, None] & (experts < E)[None, :]
     # rows past T read zeros (not -inf) so no NaN is ever formed; they are never stored
     logits = tl.load(logits_ptr + tokens[:, None] * stride_lt + experts[None, :], mask=valid, other=0.0)
+    return route_logits(logits, weights_ptr, ids_ptr, tokens, T, E, TOP_K, E_PAD)
+
+
+@triton.jit
+def route_logits(logits, weights_ptr, ids_ptr, tokens, T, E, TOP_K: tl.constexpr, E_PAD: tl.constexpr):
+    """Route a block of tokens from their logits [BT, E_PAD] (finite everywhere; values past T or E are
+    ignored): softmax, top-k (ties to the lower expert, as tl.argmax), renormalise; store weights and
+    ids; return per-expert counts."""
+    experts = tl.arange(0, E_PAD)
+    valid = (tokens < T)[:, None] & (experts < E)[None, :]
     logits = tl.where((experts < E)[None, :], logits.to(tl.float32), -float("inf"))
     probs = tl.exp(logits - tl.max(logits, axis=1)[:, None])
     probs = tl.where(valid, probs / tl.sum(probs, axis=1)[:, None], -1.0)  # [BT, E_PAD]
@@ -88,6 +101,33 @@ def block_owner(positions, ends, num_padded):
     return tl.where(positions < num_padded, owner, -1)
 
 
+@triton.jit
+def align_slots(
+    counts, ids_ptr, sorted_ids_ptr, expert_ids_ptr, num_padded_ptr, num_slots, max_padded, max_blocks,
+    BLOCK_M: tl.constexpr, E_PAD: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_FILL: tl.constexpr,
+):
+    """One program's alignment, once every slot's expert id is stored (by this program): the padded
+    layout, the padding fill and the block -> expert map, then every slot placed in its group."""
+    starts, ends, num_padded = padded_layout(counts, BLOCK_M)
+    tl.store(num_padded_ptr, num_padded)
+    for s0 in range(0, max_padded, BLOCK_FILL):
+        offs = s0 + tl.arange(0, BLOCK_FILL)
+        tl.store(sorted_ids_ptr + offs, tl.full([BLOCK_FILL], 0, tl.int32) + num_slots, mask=offs < max_padded)
+    for b0 in range(0, max_blocks, BLOCK_FILL):
+        blocks = b0 + tl.arange(0, BLOCK_FILL)
+        tl.store(expert_ids_ptr + blocks, block_owner(blocks * BLOCK_M, ends, num_padded), mask=blocks < max_blocks)
+    tl.debug_barrier()  # the placing below rereads ids and overwrites the padding fill, across threads
+
+    # Place each slot at its expert's start + its rank among that expert's slots (stable).
+    placed = tl.zeros([E_PAD], dtype=tl.int32)
+    for s0 in range(0, num_slots, BLOCK_S):
+        slots = s0 + tl.arange(0, BLOCK_S)
+        onehot, rank = slot_ranks(tl.load(ids_ptr + slots, mask=slots < num_slots, other=E_PAD), E_PAD)
+        base = tl.sum(onehot * (starts + placed)[None, :], axis=1)
+        tl.store(sorted_ids_ptr + base + rank, slots, mask=slots < num_slots)
+        placed += tl.sum(onehot, axis=0)
+
+
 @triton.jit  # T stays specialised: unspecialised, routing in a batch-1 step went 0.33 -> 0.41 ms (H100)
 def _route_align_kernel(
     logits_ptr, stride_lt, weights_ptr, ids_ptr,  # [T, E] in, [T, TOP_K] out (fp32, int32)
@@ -100,27 +140,9 @@ def _route_align_kernel(
     for t0 in range(0, T, BLOCK_T):  # pass 1: route every token, count slots per expert
         counts += route_block(logits_ptr, stride_lt, weights_ptr, ids_ptr, t0 + tl.arange(0, BLOCK_T), T, E,
                               TOP_K, E_PAD)  # fmt: skip
-    if not ALIGN:  # the decode GEMV path only needs the routing
-        return
-    starts, ends, num_padded = padded_layout(counts, BLOCK_M)
-    tl.store(num_padded_ptr, num_padded)
-    num_slots = T * TOP_K
-    for s0 in range(0, max_padded, BLOCK_FILL):
-        offs = s0 + tl.arange(0, BLOCK_FILL)
-        tl.store(sorted_ids_ptr + offs, tl.full([BLOCK_FILL], 0, tl.int32) + num_slots, mask=offs < max_padded)
-    for b0 in range(0, max_blocks, BLOCK_FILL):
-        blocks = b0 + tl.arange(0, BLOCK_FILL)
-        tl.store(expert_ids_ptr + blocks, block_owner(blocks * BLOCK_M, ends, num_padded), mask=blocks < max_blocks)
-    tl.debug_barrier()  # pass 2 rereads ids and overwrites the padding fill, across threads
-
-    # Pass 2: place each slot at its expert's start + its rank among that expert's slots (stable).
-    placed = tl.zeros([E_PAD], dtype=tl.int32)
-    for s0 in range(0, num_slots, BLOCK_S):
-        slots = s0 + tl.arange(0, BLOCK_S)
-        onehot, rank = slot_ranks(tl.load(ids_ptr + slots, mask=slots < num_slots, other=E_PAD), E_PAD)
-        base = tl.sum(onehot * (starts + placed)[None, :], axis=1)
-        tl.store(sorted_ids_ptr + base + rank, slots, mask=slots < num_slots)
-        placed += tl.sum(onehot, axis=0)
+    if ALIGN:  # the decode GEMV path only needs the routing
+        align_slots(counts, ids_ptr, sorted_ids_ptr, expert_ids_ptr, num_padded_ptr, T * TOP_K, max_padded,
+                    max_blocks, BLOCK_M, E_PAD, BLOCK_S, BLOCK_FILL)  # fmt: skip
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -176,6 +198,26 @@ def padded_sizes(num_slots: int, num_experts: int, block_m: int) -> tuple[int, i
     return max_padded, triton.cdiv(max_padded, block_m)
 
 
+def routing_buffers(T: int, E: int, top_k: int, block_m: int, align: bool, device: torch.device,
+                    alloc=torch.empty) -> tuple[Tensor, ...]:  # fmt: skip
+    """The outputs of routing: topk_weights [T, k] fp32, topk_ids [T, k] int32, sorted_ids, expert_ids
+    and num_padded [1] (sorted_ids and expert_ids of size 0 without align)."""
+    max_padded, max_blocks = padded_sizes(T * top_k, E, block_m) if align else (0, 0)
+    return (
+        alloc((T, top_k), dtype=torch.float32, device=device),
+        alloc((T, top_k), dtype=torch.int32, device=device),
+        alloc((max_padded,), dtype=torch.int32, device=device),
+        alloc((max_blocks,), dtype=torch.int32, device=device),
+        alloc((1,), dtype=torch.int32, device=device),
+    )
+
+
+def align_blocks(e_pad: int) -> dict[str, int]:
+    """align_slots' block sizes: slots placed per step (one-hot [BLOCK_S, E_PAD] of ~2K values), entries
+    filled per step."""
+    return dict(BLOCK_S=max(16, 2048 // e_pad), BLOCK_FILL=1024)
+
+
 def route_and_align(
     router_logits: Tensor, top_k: int, block_m: int, alloc=torch.empty, align: bool = True,
     parallel: bool | None = None,
@@ -185,12 +227,8 @@ def route_and_align(
     router_logits = router_logits.contiguous()  # the kernels assume unit stride over experts
     T, E = router_logits.shape
     dev = router_logits.device
-    max_padded, max_blocks = padded_sizes(T * top_k, E, block_m) if align else (0, 0)
-    weights = alloc((T, top_k), dtype=torch.float32, device=dev)
-    ids = alloc((T, top_k), dtype=torch.int32, device=dev)
-    sorted_ids = alloc((max_padded,), dtype=torch.int32, device=dev)
-    expert_ids = alloc((max_blocks,), dtype=torch.int32, device=dev)
-    num_padded = alloc((1,), dtype=torch.int32, device=dev)
+    weights, ids, sorted_ids, expert_ids, num_padded = routing_buffers(T, E, top_k, block_m, align, dev, alloc)
+    max_padded, max_blocks = sorted_ids.numel(), expert_ids.numel()
     e_pad = triton.next_power_of_2(E)
     if parallel is None:
         parallel = T > PARALLEL_MIN_TOKENS
@@ -213,8 +251,7 @@ def route_and_align(
         router_logits, router_logits.stride(0), weights, ids,
         sorted_ids, expert_ids, num_padded,
         T, E, max_padded, max_blocks,
-        TOP_K=top_k, BLOCK_M=block_m, E_PAD=e_pad,
-        BLOCK_T=max(16, 1024 // e_pad), BLOCK_S=max(16, 2048 // e_pad), BLOCK_FILL=1024, ALIGN=align,
-        num_warps=4,
+        TOP_K=top_k, BLOCK_M=block_m, E_PAD=e_pad, BLOCK_T=max(16, 1024 // e_pad), ALIGN=align,
+        **align_blocks(e_pad), num_warps=4,
     )  # fmt: skip
     return (weights, ids, sorted_ids, expert_ids, num_padded) if align else (weights, ids)

@@ -43,6 +43,7 @@ class EngineConfig:
     #                            activations) | "auto": fp8 when dtype is fp8
     fused_norm_rope: bool = True  # Triton add+RMSNorm and RoPE+KV-write kernels; False: the eager torch ops
     decode_partition_tokens: int = 0  # split-KV decode attention: tokens per program; 0 = chosen by batch size
+    fused_router: bool = True  # triton MoE at decode sizes: router linear + routing + fp8 x quant in one launch
     seed: int = 0
 
 

@@ -238,18 +238,22 @@ class Build:
     dense_fp8: bool = False  # qkv, o and lm_head weights in e4m3 (router and embeddings stay 16-bit)
     fused: bool = True  # one Triton kernel each for add + RMSNorm and RoPE + KV write (else eager torch)
     decode_partition_tokens: int = 0  # split-KV partition size of decode attention; 0: by batch size
+    fused_router: bool = True  # triton MoE: router linear, routing and fp8 x quantisation in one launch at decode
+    #                            sizes (kernels/route_decode.py); else F.linear, then fused_moe from the logits
 
 
-def _fused_moe() -> Callable[..., Tensor]:
+def _fused_moe() -> tuple[Callable[..., Tensor], Callable[..., Tensor]]:
+    """fused_moe (from router logits) and fused_moe_routed (from the router weight)."""
     try:
-        from moetune.kernels.fused_moe import fused_moe
+        from moetune.kernels.fused_moe import fused_moe, fused_moe_routed
     except ImportError as e:
         raise MoetuneError(f"moe_backend 'triton' needs moetune.kernels.fused_moe ({e}); use 'torch'") from None
-    return fused_moe
+    return fused_moe, fused_moe_routed
 
 
 class SparseMoeBlock(nn.Module):
-    """Router softmax in float32 -> top-k -> renormalise -> experts, all inside fused_moe (or the reference)."""
+    """Router linear -> softmax in float32 -> top-k -> renormalise -> experts: inside fused_moe_routed from the
+    router linear on (fused_router), inside fused_moe after it otherwise (or the float32 reference)."""
 
     def __init__(self, spec: ModelSpec, build: Build):
         super().__init__()
@@ -264,7 +268,8 @@ class SparseMoeBlock(nn.Module):
         self.w13_scale = new_param((E,), torch.float32, device) if self.fp8 else None
         self.w2_scale = new_param((E,), torch.float32, device) if self.fp8 else None
         self._staged: dict[int, tuple[Tensor, set[str]]] = {}  # fp8: w1/w3 of an expert until both arrive
-        self.fused_moe = _fused_moe() if self.backend == "triton" else None
+        self.fused_moe, self.fused_moe_routed = _fused_moe() if self.backend == "triton" else (None, None)
+        self.fused_router = build.fused_router  # per layer, so a benchmark can flip it on a built model
 
     def _load_expert(self, param: nn.Parameter, loaded: Tensor, shard_id: tuple[str, int]) -> None:
         which, e = shard_id
@@ -291,11 +296,13 @@ class SparseMoeBlock(nn.Module):
             del self._staged[e]
 
     def forward(self, x: Tensor) -> Tensor:  # [T, H]
-        router_logits = F.linear(x, self.gate)  # [T, E]
+        experts = (self.w13, self.w2, self.top_k)
         if self.backend == "torch":
-            out = moe_reference(x, router_logits, self.w13, self.w2, self.top_k, self.w13_scale, self.w2_scale)
-            out = out.to(x.dtype)
+            out = moe_reference(x, F.linear(x, self.gate), *experts, self.w13_scale, self.w2_scale).to(x.dtype)
+            return all_reduce(out)
+        config = self.tables.active.pick(x.shape[0])  # host-side: a CUDA graph bakes in its batch's config
+        if self.fused_router:  # the router linear inside (one launch with routing at decode sizes)
+            out = self.fused_moe_routed(x, self.gate, *experts, config, self.w13_scale, self.w2_scale)
         else:
-            config = self.tables.active.pick(x.shape[0])  # host-side: a CUDA graph bakes in its batch's config
-            out = self.fused_moe(x, router_logits, self.w13, self.w2, self.top_k, config, self.w13_scale, self.w2_scale)
+            out = self.fused_moe(x, F.linear(x, self.gate), *experts, config, self.w13_scale, self.w2_scale)
         return all_reduce(out)

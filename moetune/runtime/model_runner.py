@@ -68,6 +68,7 @@ class ModelRunner:
         build = Build(
             self.dtype, expert_dtype, self.device, cfg.moe_backend, tables, dense_fp8=cfg.dense_dtype == "fp8",
             fused=cfg.fused_norm_rope, decode_partition_tokens=cfg.decode_partition_tokens,
+            fused_router=cfg.fused_router,
         )  # fmt: skip
         self.model = MixtralForCausalLM(spec, cfg.max_model_len, build)
         t0 = time.perf_counter()
