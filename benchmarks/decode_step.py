@@ -5,8 +5,9 @@
 
 Two engines, one after the other in this process (close() must free the first): dense linears bf16,
 then fp8. On each, the batch-1 decode CUDA graph is re-captured per option (fused add+RMSNorm and
-RoPE+KV-write on/off, split-KV partition size, one-launch MoE router on/off), since the options are
-per-layer function choices.
+RoPE+KV-write on/off, split-KV partition size, one-launch MoE router on/off, programmatic dependent
+launch (PDL) off/on), since the options are per-layer function choices or, for PDL, read at each launch
+(moetune/kernels/pdl.py).
 Dummy weights; decode context --context-len tokens. Prints the compact table last; writes JSON + CSV.
 """
 
@@ -29,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel module is imported
 
+from moetune.kernels import pdl  # noqa: E402
 from moetune.kernels.norm import add_rms_norm, add_rms_norm_reference  # noqa: E402
 from moetune.kernels.rope import rope_and_cache, rope_and_cache_reference  # noqa: E402
 from moetune.runtime import EngineConfig, LLMEngine  # noqa: E402
@@ -49,9 +51,12 @@ VIEW_OPS = {"view", "_unsafe_view", "reshape", "split", "split_with_sizes", "sli
             "empty_strided", "unbind", "chunk", "narrow", "_reshape_alias", "lift_fresh"}  # fmt: skip
 
 
-def set_options(engine: LLMEngine, fused: bool, partition: int, router: bool = True) -> None:
+def set_options(engine: LLMEngine, fused: bool, partition: int, router: bool = True,
+                use_pdl: bool = pdl.DEFAULT) -> None:  # fmt: skip
     """Switch every layer's norm/rope functions, attention partition size and MoE router (one launch with
-    routing, or F.linear before it), then re-capture the graphs."""
+    routing, or F.linear before it), and PDL for every launch (on only where the GPU has it; default:
+    MOETUNE_PDL's choice), then re-capture the graphs."""
+    pdl.set_enabled(use_pdl)
     for m in engine.runner.model.modules():
         if isinstance(m, RMSNorm):
             m.norm = add_rms_norm if fused else add_rms_norm_reference
@@ -159,10 +164,11 @@ def main() -> int:
     def tok_s(engine: LLMEngine, batch: int) -> float:
         return batch * 1e6 / engine.decode_step_time_us(batch, ctx, steps)
 
-    def b1(engine: LLMEngine, name: str, fused: bool, partition: int, router: bool = True) -> None:
-        set_options(engine, fused, partition, router)
+    def b1(engine: LLMEngine, name: str, fused: bool, partition: int, router: bool, use_pdl: bool) -> None:
+        set_options(engine, fused, partition, router, use_pdl)
         row = {"option": name, "dense": engine.config.dense_dtype, "fused_norm_rope": fused,
-               "partition_tokens": partition or "auto", "fused_router": router, "tok_s": tok_s(engine, 1)}  # fmt: skip
+               "partition_tokens": partition or "auto", "fused_router": router,
+               "pdl": pdl.launch_kwargs(engine.runner.device)["launch_pdl"], "tok_s": tok_s(engine, 1)}  # fmt: skip
         results["decode_b1"].append(row)
         print(f"  {name:<44} {row['tok_s']:8.1f} tok/s", flush=True)
 
@@ -170,21 +176,22 @@ def main() -> int:
     eng = LLMEngine(EngineConfig(**base, dense_dtype="bf16", max_num_seqs=1))
     results["launches"]["old (eager norm/rope)"] = (set_options(eng, False, 128), count_launches(eng, ctx))[1]
     results["launches"]["new (fused norm/rope)"] = (set_options(eng, True, 0), count_launches(eng, ctx))[1]
-    b1(eng, "v1-like: eager norm/rope, split-KV 128 tok", False, 128)
-    b1(eng, "+ fused norm/rope", True, 128)
-    b1(eng, "+ split-KV by batch (32 tokens at b=1)", True, 0)
+    b1(eng, "v1-like: eager norm/rope, split-KV 128 tok", False, 128, router=False, use_pdl=False)
+    b1(eng, "+ fused norm/rope", True, 128, router=False, use_pdl=False)
+    b1(eng, "+ split-KV by batch (32 tokens at b=1)", True, 0, router=False, use_pdl=False)
     eng.close()
     del eng
     gc.collect()
 
     print("== dense fp8 (the new default with dtype fp8)", flush=True)
     eng = LLMEngine(EngineConfig(**base, dense_dtype="fp8", max_num_seqs=max(batches)))
-    b1(eng, "+ fp8 dense (w8a16)", True, 0)
-    b1(eng, "  same, split-KV off (one partition)", True, 1 << 30)
-    b1(eng, "  same, eager norm/rope", False, 0)
-    b1(eng, "  same, router linear and x quant apart", True, 0, router=False)
+    b1(eng, "+ fp8 dense (w8a16)", True, 0, router=False, use_pdl=False)
     results["launches"]["fp8 dense, router apart"] = count_launches(eng, ctx)
-    set_options(eng, True, 0)
+    b1(eng, "+ one-launch router", True, 0, router=True, use_pdl=False)
+    b1(eng, "+ PDL (programmatic dependent launch)", True, 0, router=True, use_pdl=True)
+    b1(eng, "  same, PDL off again (drift check)", True, 0, router=True, use_pdl=False)
+    b1(eng, "  same, PDL on, router apart", True, 0, router=False, use_pdl=True)
+    set_options(eng, True, 0)  # the defaults: one-launch router, PDL where the GPU has it
     results["launches"]["fp8 dense, one-launch router"] = count_launches(eng, ctx)
     results["profile"] = step_profile(eng, ctx)
     for b in batches:
@@ -193,7 +200,8 @@ def main() -> int:
     results["ttft_ms"] = {"prompt_len": prompt_len, "ms": time_ttft_ms(eng, prompt, 1 if tiny else 3)}
     device = torch.cuda.get_device_name() if gpu else "cpu (timings meaningless)"
     seconds = round(time.perf_counter() - t_start, 1)
-    results.update(model=args.model, device=device, context_len=ctx, torch=torch.__version__, seconds=seconds)
+    on = pdl.launch_kwargs(eng.runner.device)["launch_pdl"]  # for the profile and batch rows
+    results.update(model=args.model, device=device, context_len=ctx, torch=torch.__version__, seconds=seconds, pdl=on)
     eng.close()
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -214,9 +222,10 @@ def main() -> int:
     print(f"\n{results['device']}, {args.model}, context {ctx}, {results['seconds']} s")
     for k, v in results["launches"].items():
         print(f"launches per decode step, {k}: {v['total']} ({v['torch_ops']} torch ops, {v['triton']} Triton)")
-    print(f"{'batch-1 option':<46} {'tok/s':>8}")
+    print(f"{'batch-1 option':<46} {'tok/s':>8}  PDL launched (off where the GPU lacks it)")
     for r in results["decode_b1"]:
-        print(f"{r['option']:<46} {r['tok_s']:>8.1f}")
+        print(f"{r['option']:<46} {r['tok_s']:>8.1f}  {'on' if r['pdl'] else 'off'}")
+    print(f"PDL {'on' if on else 'off'} in the profile and batch rows")
     print("batch " + "  ".join(f"{r['batch']}: {r['tok_s']:.0f} tok/s" for r in results["batch"]))
     print(f"TTFT at {prompt_len} tokens: {results['ttft_ms']['ms']:.1f} ms")
     print(f"results: {args.out} {args.out.with_suffix('.csv')}")

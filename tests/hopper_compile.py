@@ -2,6 +2,8 @@
 
 Triton's wheel carries ptxas, so a kernel can go all the way to a cubin without a GPU. That catches
 what the interpreter cannot: code the GPU compiler rejects, and which instructions (wgmma) it picks.
+Every variant is compiled twice: as a plain launch, and as a PDL launch (USE_PDL=True, launch_pdl=True;
+see moetune/kernels/pdl.py), whose PTX must wait (griddepcontrol.wait) before its global memory accesses.
 Run as a script with TRITON_INTERPRET unset (the interpreter replaces kernels with Python objects);
 prints one JSON object per kernel variant.
 """
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 
 assert os.environ.get("TRITON_INTERPRET", "0") != "1", "unset TRITON_INTERPRET: compiling needs real kernels"
@@ -43,12 +46,15 @@ MIXTRAL_INTS = dict(N=14336, K=4096, stride_am=4096, stride_ak=1, stride_be=2867
                     stride_ge=4096, stride_qt=4096)  # fmt: skip
 
 
-def compile_for_hopper(kernel, types: dict[str, str], constexprs: dict, num_warps: int = 4, num_stages: int = 3):
+def compile_for_hopper(kernel, types: dict[str, str], constexprs: dict, num_warps: int = 4, num_stages: int = 3,
+                       pdl: bool = False):  # fmt: skip
     """Compile as a launch on Mixtral-sized tensors would: Triton's JIT specialises pointers as 16-byte
     aligned, an int equal to 1 as a constant and an int divisible by 16 as such. Without those hints
     loads cannot become cp.async and the software pipeline (num_stages) silently does nothing.
-    Arguments not named in types or constexprs are int32 scalars (token-dependent sizes)."""
-    consts = dict(constexprs)
+    Arguments not named in types or constexprs are int32 scalars (token-dependent sizes).
+    pdl: USE_PDL, and the launch option that goes with it (every kernel of ours takes USE_PDL)."""
+    assert "USE_PDL" in kernel.arg_names, f"{kernel.fn.__name__} takes no USE_PDL"
+    consts = dict(constexprs, USE_PDL=pdl)
     consts.update({n: 1 for n in kernel.arg_names if MIXTRAL_INTS.get(n) == 1 and n not in types})
     signature = {n: "constexpr" if n in consts else types.get(n, "i32") for n in kernel.arg_names}
     aligned = [n for n in kernel.arg_names if n not in consts and
@@ -56,7 +62,20 @@ def compile_for_hopper(kernel, types: dict[str, str], constexprs: dict, num_warp
     attrs = {(kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
     src = ASTSource(fn=kernel, signature=signature, constexprs={(kernel.arg_names.index(n),): v
                                                                 for n, v in consts.items()}, attrs=attrs)  # fmt: skip
-    return triton.compile(src, target=HOPPER, options=dict(num_warps=num_warps, num_stages=num_stages))
+    return triton.compile(src, target=HOPPER, options=dict(num_warps=num_warps, num_stages=num_stages, launch_pdl=pdl))
+
+
+GLOBAL_ACCESS = re.compile(r"\b(ld\.global|st\.global|cp\.async\.[a-z]+\.shared\.global|atom\.|red\.)")
+
+
+def pdl_facts(ptx: str) -> dict:
+    """Whether the PTX waits and lets the next grid launch, and the global accesses laid out before the
+    wait (opcodes, in order). Triton lays a kernel's blocks out in program order, and the wait sits at
+    the kernel's top level, so what comes before it in the text runs before it."""
+    wait = ptx.find("griddepcontrol.wait")
+    before = [m.group(1) for m in GLOBAL_ACCESS.finditer(ptx[: max(wait, 0)])]
+    return dict(gdc_wait=wait >= 0, gdc_launch="griddepcontrol.launch_dependents" in ptx, before_wait=before,
+                global_loads=ptx.count("ld.global"))
 
 
 def gemm_variants():
@@ -157,15 +176,19 @@ def other_variants():
 def main() -> None:
     only = sys.argv[1] if len(sys.argv) > 1 else ""
     for name, kernel, types, consts, warps, stages in [*gemm_variants(), *other_variants()]:
-        if only not in name:
-            continue
-        try:
-            k = compile_for_hopper(kernel, types, consts, warps, stages)
-            row = dict(name=name, ok=True, shared=k.metadata.shared, wgmma="wgmma" in k.asm["ptx"],
-                       cp_async="cp.async" in k.asm["ptx"], stages=stages)  # fmt: skip
-        except Exception as e:  # reported, not raised: the test names every kernel that fails
-            row = dict(name=name, ok=False, error=f"{type(e).__name__}: {str(e)[:300]}")
-        print(json.dumps(row), flush=True)
+        for pdl in (False, True):
+            full = name + ("/pdl" if pdl else "")
+            if only not in full:
+                continue
+            try:
+                k = compile_for_hopper(kernel, types, consts, warps, stages, pdl)
+                ptx = k.asm["ptx"]
+                row = dict(name=full, ok=True, shared=k.metadata.shared, wgmma="wgmma" in ptx,
+                           cp_async="cp.async" in ptx, stages=stages, launch_pdl=k.metadata.launch_pdl,
+                           **pdl_facts(ptx))  # fmt: skip
+            except Exception as e:  # reported, not raised: the test names every kernel that fails
+                row = dict(name=full, ok=False, error=f"{type(e).__name__}: {str(e)[:300]}")
+            print(json.dumps(row), flush=True)
 
 
 if __name__ == "__main__":

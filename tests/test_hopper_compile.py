@@ -1,5 +1,6 @@
 """Every Triton kernel compiles for an H100/H200 (sm_90) on this CPU-only machine, and the expert
-GEMM gets Hopper's fast path: wgmma for 64-row tiles and a cp.async software pipeline."""
+GEMM gets Hopper's fast path: wgmma for 64-row tiles and a cp.async software pipeline. Every kernel
+also compiles as a PDL launch (USE_PDL), which waits before its global accesses and changes nothing else."""
 
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ def test_every_kernel_compiles_for_hopper(compiled):
 
 def test_gemm_uses_wgmma_for_64_row_tiles(compiled):
     for name, r in compiled.items():
-        if name.startswith("moe_gemm/") and not name.endswith("default-small-M"):
+        if name.startswith("moe_gemm/") and not name.removesuffix("/pdl").endswith("default-small-M"):
             assert r["wgmma"], f"{name} fell back from wgmma"
 
 
@@ -55,3 +56,21 @@ def test_w8a16_weight_loads_are_software_pipelined_with_and_without_split_k(comp
         r = compiled[f"linear_w8a16/{name}"]
         bn, bk = (32, 256) if name == "small-M" else (64, 256)
         assert r["cp_async"] and r["shared"] >= (r["stages"] - 1) * bk * bn, f"{name}: weight loads not multi-buffered"
+
+
+def test_pdl_variants_wait_before_any_global_access_and_keep_the_pipeline(compiled):
+    """USE_PDL=True: griddepcontrol.wait, then launch_dependents; no global load, store or atomic laid out
+    before the wait but the fused norm's weight row (loaded before it on purpose, moetune/kernels/pdl.py);
+    shared memory, cp.async and wgmma as without PDL. Without USE_PDL, no griddepcontrol at all."""
+    pdl = {name.removesuffix("/pdl"): r for name, r in compiled.items() if name.endswith("/pdl")}
+    assert pdl.keys() == {name for name in compiled if not name.endswith("/pdl")}
+    for name, r in pdl.items():
+        base = compiled[name]
+        assert r["launch_pdl"] and r["gdc_wait"] and r["gdc_launch"], name
+        assert not (base["launch_pdl"] or base["gdc_wait"] or base["gdc_launch"]), name
+        allowed = {"ld.global"} if name.startswith("add_rms_norm/") else set()
+        assert set(r["before_wait"]) <= allowed, (name, r["before_wait"])
+        assert {k: r[k] for k in ("shared", "cp_async", "wgmma")} == {k: base[k] for k in ("shared", "cp_async", "wgmma")}
+    for dtype in ("bf16", "fp16"):  # of its three row loads (weight, x, residual), only the weight's
+        r = compiled[f"add_rms_norm/{dtype}/pdl"]
+        assert 0 < len(r["before_wait"]) <= r["global_loads"] / 3, r

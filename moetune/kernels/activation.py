@@ -21,6 +21,7 @@ import triton.language as tl
 from torch import Tensor
 
 from moetune.kernels.interp import downcast, interpreting
+from moetune.kernels.pdl import launch_kwargs, wait_previous
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite e4m3
@@ -38,12 +39,13 @@ def quantize_row(v, dtype: tl.constexpr, INTERPRETED: tl.constexpr):
 @triton.jit
 def _quantize_rows_kernel(
     in_ptr, out_ptr, scale_ptr, n_cols, stride_in, stride_out,
-    BLOCK: tl.constexpr, SILU: tl.constexpr, INTERPRETED: tl.constexpr,
+    BLOCK: tl.constexpr, SILU: tl.constexpr, INTERPRETED: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     """One row: v = in[row] (or silu(in[row, :n]) * in[row, n:2n] with SILU); out = v / s, s = max|v| / 448."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     ok = cols < n_cols
+    wait_previous(USE_PDL)
     v = tl.load(in_ptr + row * stride_in + cols, mask=ok, other=0.0).to(tl.float32)
     if SILU:
         up = tl.load(in_ptr + row * stride_in + n_cols + cols, mask=ok, other=0.0).to(tl.float32)
@@ -56,11 +58,12 @@ def _quantize_rows_kernel(
 @triton.jit
 def _silu_mul_kernel(
     h_ptr, out_ptr, amax_ptr, N, stride_h, stride_out,
-    BLOCK_N: tl.constexpr, AMAX: tl.constexpr, INTERPRETED: tl.constexpr,
+    BLOCK_N: tl.constexpr, AMAX: tl.constexpr, INTERPRETED: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     ok = cols < N
+    wait_previous(USE_PDL)  # h, and amax zeroed by the memset before (its atomics come after this)
     gate = tl.load(h_ptr + row * stride_h + cols, mask=ok, other=0.0).to(tl.float32)
     up = tl.load(h_ptr + row * stride_h + N + cols, mask=ok, other=0.0).to(tl.float32)
     act = downcast(gate * tl.sigmoid(gate) * up, out_ptr.dtype.element_ty, INTERPRETED)
@@ -72,11 +75,12 @@ def _silu_mul_kernel(
 @triton.jit
 def _quantize_with_amax_kernel(
     in_ptr, out_ptr, amax_ptr, scale_ptr, n_cols, stride_in, stride_out,
-    BLOCK: tl.constexpr, INTERPRETED: tl.constexpr,
+    BLOCK: tl.constexpr, INTERPRETED: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = cols < n_cols
+    wait_previous(USE_PDL)  # amax is final only once every atomic of the kernel before has landed
     scale = tl.maximum(tl.load(amax_ptr + row), 1e-12) / 448.0
     if tl.program_id(1) == 0:
         tl.store(scale_ptr + row, scale)
@@ -87,10 +91,11 @@ def _quantize_with_amax_kernel(
 
 @triton.jit
 def _topk_sum_kernel(y_ptr, out_ptr, K, stride_y, stride_out, TOP_K: tl.constexpr, BLOCK: tl.constexpr,
-                     INTERPRETED: tl.constexpr):  # fmt: skip
+                     INTERPRETED: tl.constexpr, USE_PDL: tl.constexpr):  # fmt: skip
     token = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = cols < K
+    wait_previous(USE_PDL)
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     for j in tl.static_range(TOP_K):  # a fixed order: the result does not depend on scheduling
         acc += tl.load(y_ptr + (token * TOP_K + j) * stride_y + cols, mask=ok, other=0.0).to(tl.float32)
@@ -115,7 +120,7 @@ def quantize_rows(x: Tensor, alloc=torch.empty, silu: bool = False) -> tuple[Ten
     if rows:
         _quantize_rows_kernel[(rows,)](
             x, out, scale, cols, x.stride(0), out.stride(0),
-            BLOCK=block, SILU=silu, INTERPRETED=interpreting(), num_warps=_row_warps(block),
+            BLOCK=block, SILU=silu, INTERPRETED=interpreting(), num_warps=_row_warps(block), **launch_kwargs(x.device),
         )  # fmt: skip
     return out, scale
 
@@ -126,7 +131,7 @@ def silu_mul(h: Tensor, out: Tensor, amax: Tensor | None = None) -> None:
     block = min(1024, triton.next_power_of_2(N))
     _silu_mul_kernel[(S, triton.cdiv(N, block))](
         h, out, out if amax is None else amax, N, h.stride(0), out.stride(0),
-        BLOCK_N=block, AMAX=amax is not None, INTERPRETED=interpreting(),
+        BLOCK_N=block, AMAX=amax is not None, INTERPRETED=interpreting(), **launch_kwargs(h.device),
     )  # fmt: skip
 
 
@@ -137,6 +142,7 @@ def quantize_with_amax(v: Tensor, amax: Tensor, alloc=torch.empty) -> tuple[Tens
     block = min(2048, triton.next_power_of_2(cols))
     _quantize_with_amax_kernel[(rows, triton.cdiv(cols, block))](
         v, out, amax, scale, cols, v.stride(0), out.stride(0), BLOCK=block, INTERPRETED=interpreting(),
+        **launch_kwargs(v.device),
     )  # fmt: skip
     return out, scale
 
@@ -159,5 +165,6 @@ def topk_sum(y: Tensor, top_k: int, alloc=torch.empty) -> Tensor:
     block = min(1024, triton.next_power_of_2(K))
     _topk_sum_kernel[(S // top_k, triton.cdiv(K, block))](
         y, out, K, y.stride(0), out.stride(0), TOP_K=top_k, BLOCK=block, INTERPRETED=interpreting(),
+        **launch_kwargs(y.device),
     )  # fmt: skip
     return out

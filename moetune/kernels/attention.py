@@ -26,6 +26,7 @@ import triton.language as tl
 from torch import Tensor
 
 from moetune.kernels.interp import interpreting
+from moetune.kernels.pdl import launch_kwargs, wait_previous
 
 MAX_TILE = 64  # context tokens one loop iteration reads
 # triton.jit decides at definition time whether kernels run on the GPU or in the CPU interpreter
@@ -61,19 +62,21 @@ def _decode_partition_kernel(
     BLOCK_SIZE: tl.constexpr,
     PARTITION: tl.constexpr,
     TILE: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
     part = tl.program_id(2)
-    ctx = tl.load(context_lens_ptr + b)
-    first = part * PARTITION
-    last = tl.minimum(first + PARTITION, ctx)  # empty range past the context
-
     g = tl.arange(0, GROUP_PAD)
     d = tl.arange(0, BLOCK_D)
     t = tl.arange(0, TILE)
     heads = kv_head * GROUP + g
     gd_mask = (g[:, None] < GROUP) & (d[None, :] < HEAD_DIM)
+    wait_previous(USE_PDL)  # q and this step's K/V come from the RoPE + cache-write kernel
+    ctx = tl.load(context_lens_ptr + b)
+    first = part * PARTITION
+    last = tl.minimum(first + PARTITION, ctx)  # empty range past the context
+
     q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :], mask=gd_mask, other=0.0)
     q = q.to(tl.float32) * scale  # [G, D]
 
@@ -123,13 +126,15 @@ def _decode_merge_kernel(
     BLOCK_D: tl.constexpr,
     PARTITION: tl.constexpr,
     P_PAD: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)
-    ctx = tl.load(context_lens_ptr + b)
-    num_parts = tl.cdiv(ctx, PARTITION)
     p = tl.arange(0, P_PAD)
     d = tl.arange(0, BLOCK_D)
+    wait_previous(USE_PDL)  # the partials of _decode_partition_kernel
+    ctx = tl.load(context_lens_ptr + b)
+    num_parts = tl.cdiv(ctx, PARTITION)
     p_mask = p < num_parts
     m = tl.load(m_ptr + b * stride_mb + h * stride_mh + p, mask=p_mask, other=float("-inf"))
     total = tl.load(l_ptr + b * stride_mb + h * stride_mh + p, mask=p_mask, other=0.0)
@@ -171,7 +176,7 @@ def paged_decode_attention(
     denom = torch.empty_like(m)
     acc = torch.empty(B, H, P, D, dtype=torch.float32, device=q.device)
     group = H // Hkv
-    meta = dict(HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), PARTITION=part)
+    meta = dict(HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), PARTITION=part, **launch_kwargs(q.device))
     _decode_partition_kernel[(B, Hkv, P)](
         q,
         k_cache,

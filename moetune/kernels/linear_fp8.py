@@ -26,6 +26,7 @@ from torch import Tensor
 from moetune.errors import MoetuneError
 from moetune.kernels.activation import FP8, FP8_MAX
 from moetune.kernels.interp import downcast, interpreting
+from moetune.kernels.pdl import launch_kwargs, wait_previous
 from moetune.kernels.splitk import arrive, k_slice, sum_partials, tile_counters
 
 log = logging.getLogger("moetune")
@@ -37,7 +38,7 @@ def _w8a16_kernel(
     x_ptr, w_ptr, scale_ptr, out_ptr, part_ptr, count_ptr, M, N, K, K_SPLIT,
     stride_xm, stride_wn, stride_om,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-    UPCAST_DOT: tl.constexpr, INTERPRETED: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, INTERPRETED: tl.constexpr, USE_PDL: tl.constexpr,
 ):  # fmt: skip
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -51,6 +52,7 @@ def _w8a16_kernel(
     x_ptrs = x_ptr + rows[:, None].to(tl.int64) * stride_xm + (k_lo + offs_k)[None, :]  # [BM, BK]
     w_ptrs = w_ptr + cols[None, :].to(tl.int64) * stride_wn + (k_lo + offs_k)[:, None]  # [BK, BN]: W^T's tile
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    wait_previous(USE_PDL)  # x, and the split-K partials and tile counters the linear before still uses
     for k0 in range(k_lo, k_hi, BLOCK_K):
         k_ok = offs_k < K - k0
         x = tl.load(x_ptrs, mask=(rows < M)[:, None] & k_ok[None, :], other=0.0)
@@ -141,7 +143,7 @@ def linear_w8a16(x: Tensor, w: Tensor, scale: Tensor, config: W8A16Config | None
         x, w, scale, out, part, counters, M, N, K, k_split, x.stride(0), w.stride(0), out.stride(0),
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, SPLIT_K=cfg.SPLIT_K,
         UPCAST_DOT=interp or x.dtype == torch.float32, INTERPRETED=interp,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_kwargs(x.device),
     )  # fmt: skip
     return out
 

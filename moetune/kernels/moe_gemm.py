@@ -21,6 +21,7 @@ from torch import Tensor
 
 from moetune.kernels.activation import FP8
 from moetune.kernels.interp import downcast, interpreting
+from moetune.kernels.pdl import launch_kwargs, wait_previous
 
 
 @triton.jit
@@ -95,10 +96,11 @@ def _moe_gemm_kernel(
     GROUP_SIZE_M: tl.constexpr,
     A_ROW_DIV: tl.constexpr,  # GEMM1 reads token = slot // top_k; GEMM2 reads its own slot row (1)
     MUL_ROUTED_WEIGHT: tl.constexpr, USE_FP8: tl.constexpr, EVEN_K: tl.constexpr, INDEX_64: tl.constexpr,
-    INTERPRETED: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    INTERPRETED: tl.constexpr, UPCAST_DOT: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     """C[slot, :] = A[slot // A_ROW_DIV, :] @ B[expert].T for one BLOCK_SIZE_M x BLOCK_SIZE_N tile."""
     pid_m, pid_n = tile_coords(EM, N, BLOCK_SIZE_M, BLOCK_SIZE_N, GROUP_SIZE_M)
+    wait_previous(USE_PDL)  # the routing (num_padded, slots, experts) and A come from earlier kernels
     # The grid is sized for the worst-case padding; blocks past the real end have nothing to do.
     if pid_m * BLOCK_SIZE_M >= tl.load(num_padded_ptr):
         return
@@ -147,4 +149,5 @@ def moe_gemm(
         BLOCK_SIZE_M=bm, BLOCK_SIZE_N=bn, BLOCK_SIZE_K=bk, GROUP_SIZE_M=config["GROUP_SIZE_M"],
         A_ROW_DIV=a_row_div, MUL_ROUTED_WEIGHT=mul_routed_weight, USE_FP8=use_fp8,
         num_warps=config["num_warps"], num_stages=config["num_stages"], **dot_flags(a, c, bk),
+        **launch_kwargs(a.device),
     )  # fmt: skip

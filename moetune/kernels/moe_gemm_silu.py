@@ -26,6 +26,7 @@ from torch import Tensor
 
 from moetune.kernels.interp import downcast
 from moetune.kernels.moe_gemm import FP8, dot_flags, k_loop, operand_ptrs, tile_coords, tile_rows
+from moetune.kernels.pdl import launch_kwargs, wait_previous
 
 
 @triton.jit(do_not_specialize=["EM", "num_slots"])  # as _moe_gemm_kernel: one compile per config
@@ -36,10 +37,11 @@ def _moe_gemm_silu_kernel(
     stride_am, stride_ak, stride_be, stride_bn, stride_bk, stride_om, stride_on,
     BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr,
     GROUP_SIZE_M: tl.constexpr, TOP_K: tl.constexpr, USE_FP8: tl.constexpr, EVEN_K: tl.constexpr,
-    INDEX_64: tl.constexpr, INTERPRETED: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    INDEX_64: tl.constexpr, INTERPRETED: tl.constexpr, UPCAST_DOT: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     HALF: tl.constexpr = BLOCK_SIZE_N // 2
     pid_m, pid_n = tile_coords(EM, N, BLOCK_SIZE_M, HALF, GROUP_SIZE_M)
+    wait_previous(USE_PDL)  # routing, A and the zeroed amax come from earlier launches
     if pid_m * BLOCK_SIZE_M >= tl.load(num_padded_ptr):
         return
     slots, slot_ok, expert = tile_rows(sorted_ids_ptr, expert_ids_ptr, pid_m, num_slots, BLOCK_SIZE_M, INDEX_64)
@@ -86,4 +88,5 @@ def moe_gemm_silu(
         BLOCK_SIZE_M=bm, BLOCK_SIZE_N=bn, BLOCK_SIZE_K=bk, GROUP_SIZE_M=config["GROUP_SIZE_M"],
         TOP_K=top_k, USE_FP8=use_fp8,
         num_warps=config["num_warps"], num_stages=config["num_stages"], **dot_flags(a, out, bk),
+        **launch_kwargs(a.device),
     )  # fmt: skip

@@ -24,19 +24,21 @@ import triton.language as tl
 from torch import Tensor
 
 from moetune.kernels.interp import downcast
+from moetune.kernels.pdl import launch_kwargs, wait_previous
 
 
 @triton.jit
 def _gemv_gate_up_kernel(
     x_ptr, w_ptr, w_scale_ptr, ids_ptr, act_ptr, N, K,
     stride_xt, stride_we, stride_wn, stride_as,
-    TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_FP8: tl.constexpr,
+    TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_FP8: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     slot = tl.program_id(0)
-    expert = tl.load(ids_ptr + slot).to(tl.int64)
     rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     x_ptrs = x_ptr + (slot // TOP_K) * stride_xt + offs_k
+    wait_previous(USE_PDL)  # the expert ids (routing) and x come from earlier kernels
+    expert = tl.load(ids_ptr + slot).to(tl.int64)
     gate_ptrs = w_ptr + expert * stride_we + rows[:, None] * stride_wn + offs_k[None, :]
     up_ptrs = gate_ptrs + N * stride_wn
     # Accumulate [BLOCK_N, BLOCK_K] partial products; reduce across K once at the end.
@@ -63,11 +65,12 @@ def _gemv_down_kernel(
     act_ptr, w_ptr, w_scale_ptr, ids_ptr, topk_weights_ptr, out_ptr, N, K,
     stride_as, stride_we, stride_wk, stride_ot,
     TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_FP8: tl.constexpr,
-    INTERPRETED: tl.constexpr,
+    INTERPRETED: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     token = tl.program_id(0)
     rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # output columns of this token
     offs = tl.arange(0, BLOCK_K)
+    wait_previous(USE_PDL)  # routing and act come from earlier kernels
     out = tl.zeros([BLOCK_N], dtype=tl.float32)
     for j in tl.static_range(TOP_K):  # both experts of a token in one program: no atomics, no sum kernel
         slot = token * TOP_K + j
@@ -103,12 +106,13 @@ def fused_moe_gemv(
         x, w13, w13_scale if use_fp8 else w13, topk_ids, act, N, K,
         x.stride(0), w13.stride(0), w13.stride(1), act.stride(0),
         TOP_K=top_k, BLOCK_N=bn, BLOCK_K=bk, USE_FP8=use_fp8, num_warps=warps, num_stages=stages,
+        **launch_kwargs(x.device),
     )  # fmt: skip
     out = alloc((T, K), dtype=x.dtype, device=x.device)
     _gemv_down_kernel[(T, triton.cdiv(K, bn))](
         act, w2, w2_scale if use_fp8 else w2, topk_ids, topk_weights, out, N, K,
         act.stride(0), w2.stride(0), w2.stride(1), out.stride(0),
         TOP_K=top_k, BLOCK_N=bn, BLOCK_K=bk, USE_FP8=use_fp8, INTERPRETED=interpreted,
-        num_warps=warps, num_stages=stages,
+        num_warps=warps, num_stages=stages, **launch_kwargs(x.device),
     )  # fmt: skip
     return out

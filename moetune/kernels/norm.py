@@ -18,18 +18,21 @@ import triton.language as tl
 from torch import Tensor
 
 from moetune.kernels.interp import downcast, interpreting
+from moetune.kernels.pdl import launch_kwargs, wait_previous
 
 
 @triton.jit
 def _add_rms_norm_kernel(
     x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, H, eps,
     stride_x, stride_r, stride_o, stride_ro,
-    HAS_RESIDUAL: tl.constexpr, BLOCK_H: tl.constexpr, INTERPRETED: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, BLOCK_H: tl.constexpr, INTERPRETED: tl.constexpr, USE_PDL: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_H)
     mask = cols < H
     dtype = out_ptr.dtype.element_ty
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)  # a weight: no kernel writes it
+    wait_previous(USE_PDL)  # x and the residual come from the kernels before
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)  # [H]
     if HAS_RESIDUAL:
         x += tl.load(res_ptr + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
@@ -38,13 +41,13 @@ def _add_rms_norm_kernel(
         x = x.to(tl.float32)
     var = tl.sum(x * x, axis=0) / H
     y = downcast(x * (1.0 / tl.sqrt(var + eps)), dtype, INTERPRETED).to(tl.float32)
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + row * stride_o + cols, downcast(w * y, dtype, INTERPRETED), mask=mask)
 
 
 def add_rms_norm(x: Tensor, weight: Tensor, eps: float, residual: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """(RMSNorm(x + residual) * weight, x + residual); without residual, (RMSNorm(x) * weight, x).
-    x, residual [T, H] with unit stride along H; the outputs are new tensors."""
+    x, residual [T, H] with unit stride along H; the outputs are new tensors. weight [H] is read before the
+    PDL wait (pdl.py), so the kernel just before must not write it: a model parameter, never an activation."""
     T, H = x.shape
     assert x.stride(1) == 1 and weight.shape == (H,) and (residual is None or residual.stride(1) == 1)
     out = torch.empty_like(x)
@@ -54,7 +57,7 @@ def add_rms_norm(x: Tensor, weight: Tensor, eps: float, residual: Tensor | None 
         x, residual if residual is not None else x, weight, out, res_out, H, eps,
         x.stride(0), residual.stride(0) if residual is not None else 0, out.stride(0), res_out.stride(0),
         HAS_RESIDUAL=residual is not None, BLOCK_H=block, INTERPRETED=interpreting(),
-        num_warps=min(16, max(1, block // 512)),
+        num_warps=min(16, max(1, block // 512)), **launch_kwargs(x.device),
     )  # fmt: skip
     return out, res_out
 

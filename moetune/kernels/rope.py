@@ -17,6 +17,7 @@ import triton.language as tl
 from torch import Tensor
 
 from moetune.kernels.interp import downcast, interpreting
+from moetune.kernels.pdl import launch_kwargs, wait_previous
 
 
 @triton.jit
@@ -37,14 +38,15 @@ def _rope_cache_kernel(
     stride_t, stride_cos, stride_slot, stride_ch,
     NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
     Q_PAD: tl.constexpr, KV_PAD: tl.constexpr, HALF_PAD: tl.constexpr, D_PAD: tl.constexpr,
-    WRITE_CACHE: tl.constexpr, INTERPRETED: tl.constexpr,
+    WRITE_CACHE: tl.constexpr, INTERPRETED: tl.constexpr, USE_PDL: tl.constexpr,
 ):  # fmt: skip
     t = tl.program_id(0).to(tl.int64)
     HALF: tl.constexpr = HEAD_DIM // 2
     dtype: tl.constexpr = qkv_ptr.dtype.element_ty
     row = qkv_ptr + t * stride_t  # q heads, then k heads, then v heads, each HEAD_DIM wide
-    pos = tl.load(positions_ptr + t)
     j = tl.arange(0, HALF_PAD)
+    wait_previous(USE_PDL)  # qkv comes from the projection; positions and slots from the step's inputs
+    pos = tl.load(positions_ptr + t)
     cos = tl.load(cos_ptr + pos * stride_cos + j, mask=j < HALF, other=0.0)[None, :]  # [1, D/2] fp32
     sin = tl.load(sin_ptr + pos * stride_cos + j, mask=j < HALF, other=0.0)[None, :]
     h = tl.arange(0, Q_PAD)
@@ -88,7 +90,7 @@ def rope_and_cache(
         NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=D,
         Q_PAD=triton.next_power_of_2(num_heads), KV_PAD=triton.next_power_of_2(num_kv_heads),
         HALF_PAD=triton.next_power_of_2(D // 2), D_PAD=triton.next_power_of_2(D),
-        WRITE_CACHE=write, INTERPRETED=interpreting(), num_warps=4,
+        WRITE_CACHE=write, INTERPRETED=interpreting(), num_warps=4, **launch_kwargs(qkv.device),
     )  # fmt: skip
 
 

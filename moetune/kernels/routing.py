@@ -33,6 +33,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from moetune.kernels.pdl import launch_kwargs, wait_previous
+
 PARALLEL_MIN_TOKENS = 128  # above this many tokens, the parallel path
 
 
@@ -135,7 +137,9 @@ def _route_align_kernel(
     T, E, max_padded, max_blocks,
     TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, E_PAD: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_FILL: tl.constexpr, ALIGN: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    wait_previous(USE_PDL)  # the router's logits come from the kernel before
     counts = tl.zeros([E_PAD], dtype=tl.int32)
     for t0 in range(0, T, BLOCK_T):  # pass 1: route every token, count slots per expert
         counts += route_block(logits_ptr, stride_lt, weights_ptr, ids_ptr, t0 + tl.arange(0, BLOCK_T), T, E,
@@ -148,9 +152,10 @@ def _route_align_kernel(
 @triton.jit(do_not_specialize=["T"])
 def _route_count_kernel(
     logits_ptr, stride_lt, weights_ptr, ids_ptr, counts_ptr, pos_ptr, T, E,
-    TOP_K: tl.constexpr, E_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr,
+    TOP_K: tl.constexpr, E_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    wait_previous(USE_PDL)  # logits, and the counts zeroed by the memset before
     route_block(logits_ptr, stride_lt, weights_ptr, ids_ptr, tokens, T, E, TOP_K, E_PAD)
     tl.debug_barrier()  # reread this block's ids, written by other threads of this program
     lane = tl.arange(0, BLOCK_S)  # BLOCK_S = next power of two of BLOCK_T * TOP_K
@@ -167,9 +172,10 @@ def _route_count_kernel(
 def _align_place_kernel(
     ids_ptr, counts_ptr, pos_ptr, sorted_ids_ptr, expert_ids_ptr, num_padded_ptr,
     num_slots, E, max_padded, max_blocks, fill_programs,
-    BLOCK_M: tl.constexpr, E_PAD: tl.constexpr, BLOCK: tl.constexpr,
+    BLOCK_M: tl.constexpr, E_PAD: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     experts = tl.arange(0, E_PAD)
+    wait_previous(USE_PDL)  # the counts, ids and positions of _route_count_kernel
     counts = tl.load(counts_ptr + experts, mask=experts < E, other=0)
     starts, ends, num_padded = padded_layout(counts, BLOCK_M)
     pid = tl.program_id(0)
@@ -230,6 +236,7 @@ def route_and_align(
     weights, ids, sorted_ids, expert_ids, num_padded = routing_buffers(T, E, top_k, block_m, align, dev, alloc)
     max_padded, max_blocks = sorted_ids.numel(), expert_ids.numel()
     e_pad = triton.next_power_of_2(E)
+    pdl = launch_kwargs(dev)
     if parallel is None:
         parallel = T > PARALLEL_MIN_TOKENS
     if align and parallel:
@@ -239,12 +246,13 @@ def route_and_align(
         _route_count_kernel[(triton.cdiv(T, block_t),)](
             router_logits, router_logits.stride(0), weights, ids, counts, pos, T, E,
             TOP_K=top_k, E_PAD=e_pad, BLOCK_T=block_t, BLOCK_S=triton.next_power_of_2(block_t * top_k), num_warps=4,
+            **pdl,
         )  # fmt: skip
         block = 1024
         fill_programs = triton.cdiv(max_blocks * block_m, block)
         _align_place_kernel[(fill_programs + triton.cdiv(T * top_k, block),)](
             ids, counts, pos, sorted_ids, expert_ids, num_padded, T * top_k, E, max_padded, max_blocks,
-            fill_programs, BLOCK_M=block_m, E_PAD=e_pad, BLOCK=block, num_warps=4,
+            fill_programs, BLOCK_M=block_m, E_PAD=e_pad, BLOCK=block, num_warps=4, **pdl,
         )  # fmt: skip
         return weights, ids, sorted_ids, expert_ids, num_padded
     _route_align_kernel[(1,)](
@@ -252,6 +260,6 @@ def route_and_align(
         sorted_ids, expert_ids, num_padded,
         T, E, max_padded, max_blocks,
         TOP_K=top_k, BLOCK_M=block_m, E_PAD=e_pad, BLOCK_T=max(16, 1024 // e_pad), ALIGN=align,
-        **align_blocks(e_pad), num_warps=4,
+        **align_blocks(e_pad), num_warps=4, **pdl,
     )  # fmt: skip
     return (weights, ids, sorted_ids, expert_ids, num_padded) if align else (weights, ids)
