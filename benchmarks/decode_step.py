@@ -121,8 +121,9 @@ def count_launches(engine: LLMEngine, context_len: int) -> dict[str, int]:
     return {"total": sum(counts.values()), "torch_ops": torch_n, "triton": sum(counts.values()) - torch_n}
 
 
-def step_profile(engine: LLMEngine, context_len: int) -> list[dict]:
-    """torch.profiler over 3 eager batch-1 decode steps: device ms per step and launches per category."""
+def step_profile(engine: LLMEngine, context_len: int) -> tuple[list[dict], list[dict]]:
+    """torch.profiler over 3 eager batch-1 decode steps: device ms per step and launches per category,
+    and per kernel name (the 25 costliest: where the next change should go)."""
     from torch.profiler import ProfilerActivity, profile
 
     inputs = _decode_inputs(engine, 1, context_len)
@@ -142,7 +143,12 @@ def step_profile(engine: LLMEngine, context_len: int) -> list[dict]:
         cat = next((c for c, keys in CATEGORIES if any(k in e.key for k in keys)), "small torch kernels")
         rows[cat][0] += us / 3 / 1e3
         rows[cat][1] += e.count / 3
-    return [{"part": k, "ms": round(v[0], 4), "launches": round(v[1])} for k, v in rows.items()]
+    events = prof.key_averages()
+    per_kernel = sorted(((e.key, getattr(e, "self_device_time_total", 0) / 3, e.count / 3) for e in events),
+                        key=lambda r: -r[1])  # fmt: skip
+    kernels = [{"kernel": k[:70], "us": round(us, 1), "launches": round(n), "us_each": round(us / max(n, 1), 2)}
+               for k, us, n in per_kernel[:25] if us > 0]  # fmt: skip
+    return [{"part": k, "ms": round(v[0], 4), "launches": round(v[1])} for k, v in rows.items()], kernels
 
 
 def main() -> int:
@@ -193,7 +199,7 @@ def main() -> int:
     b1(eng, "  same, PDL on, router apart", True, 0, router=False, use_pdl=True)
     set_options(eng, True, 0)  # the defaults: one-launch router, PDL where the GPU has it
     results["launches"]["fp8 dense, one-launch router"] = count_launches(eng, ctx)
-    results["profile"] = step_profile(eng, ctx)
+    results["profile"], results["kernels"] = step_profile(eng, ctx)
     for b in batches:
         results["batch"].append({"batch": b, "tok_s": tok_s(eng, b)})
     prompt = fixed_prompt(prompt_len, eng.spec.vocab_size, seed=1)
@@ -219,6 +225,9 @@ def main() -> int:
     print(f"{'part':<40} {'ms':>8} {'launches':>9}")
     for r in results["profile"]:
         print(f"{r['part']:<40} {r['ms']:>8.3f} {r['launches']:>9}")
+    print(f"\n{'kernel (costliest per step)':<70} {'us':>8} {'launches':>9} {'us each':>8}")
+    for r in results["kernels"]:
+        print(f"{r['kernel']:<70} {r['us']:>8.1f} {r['launches']:>9} {r['us_each']:>8.2f}")
     print(f"\n{results['device']}, {args.model}, context {ctx}, {results['seconds']} s")
     for k, v in results["launches"].items():
         print(f"launches per decode step, {k}: {v['total']} ({v['torch_ops']} torch ops, {v['triton']} Triton)")

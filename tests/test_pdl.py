@@ -31,13 +31,15 @@ from moetune.kernels import (
     norm,
     pdl,
     rope,
+    route_decode,
     routing,
 )
 from moetune.kernels.pdl import wait_previous
 
-KERNEL_MODULES = (activation, attention, linear_fp8, moe_gemm, moe_gemm_silu, moe_gemv, norm, rope, routing)
+KERNEL_MODULES = (activation, attention, linear_fp8, moe_gemm, moe_gemm_silu, moe_gemv, norm, rope, route_decode,
+                  routing)  # fmt: skip
 # pointers a kernel may load before its wait: nothing in a decode step writes them
-WEIGHT_POINTERS = {"_add_rms_norm_kernel": {"w_ptr"}}
+WEIGHT_POINTERS = {"_add_rms_norm_kernel": {"w_ptr"}, "_route_decode_kernel": {"gate_ptr"}}
 
 
 def is_jit(obj) -> bool:
@@ -48,7 +50,7 @@ def kernels() -> dict[str, object]:
     """Every launched kernel of the modules (by convention named _*_kernel), by name."""
     found = {name: obj for m in KERNEL_MODULES for name, obj in vars(m).items()
              if is_jit(obj) and name.endswith("_kernel") and obj.fn.__module__ == m.__name__}  # fmt: skip
-    assert len(found) >= 15, sorted(found)  # the decode step's 15 kernels at least: discovery works
+    assert len(found) >= 16, sorted(found)  # the decode step's 16 kernels at least: discovery works
     return found
 
 
@@ -89,7 +91,7 @@ def test_env_var_sets_the_default(env, expected):
 
 def launch_everything() -> None:
     """One launch of every decode-step kernel, through its public launcher, on tiny inputs."""
-    from moetune.kernels.fused_moe import fused_moe, quantize_fp8_per_expert
+    from moetune.kernels.fused_moe import fused_moe, fused_moe_routed, quantize_fp8_per_expert
 
     g = torch.Generator().manual_seed(0)
     T, E, N, K = 2, 4, 32, 64
@@ -99,6 +101,7 @@ def launch_everything() -> None:
     for extra in ({}, {"fuse_silu": 1}, {"kernel": "gemv"}):
         fused_moe(x, logits, w13, w2, 2, cfg | extra, s13, s2)
     routing.route_and_align(logits, 2, 16, parallel=True)
+    fused_moe_routed(x, torch.randn(E, K, generator=g).bfloat16(), w13, w2, 2, cfg, s13, s2)
     activation.quantize_rows(x)
     linear_fp8.linear_w8a16(x, *linear_fp8.quantize_per_channel(torch.randn(16, K)))
     q, cache = torch.randn(1, 4, 16), torch.randn(4, 16, 2, 16)  # [B, H, D], [blocks, block_size, Hkv, D]

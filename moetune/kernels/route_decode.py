@@ -32,6 +32,7 @@ from torch import Tensor
 from moetune.errors import MoetuneError
 from moetune.kernels.activation import fp8_rows, quantize_row
 from moetune.kernels.interp import downcast, interpreting
+from moetune.kernels.pdl import launch_kwargs, wait_previous
 from moetune.kernels.routing import align_blocks, align_slots, route_logits, routing_buffers
 
 ONE_LAUNCH_MAX_TOKENS = 16
@@ -52,12 +53,13 @@ def _route_decode_kernel(
     T, K, E, max_padded, max_blocks, stride_xt, stride_ge, stride_qt,
     TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, E_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_FILL: tl.constexpr, ALIGN: tl.constexpr, QUANT: tl.constexpr,
-    INTERPRETED: tl.constexpr,
+    INTERPRETED: tl.constexpr, USE_PDL: tl.constexpr,
 ):  # fmt: skip
     experts, cols, tokens = tl.arange(0, E_PAD), tl.arange(0, BLOCK_K), tl.arange(0, BLOCK_T)
     k_ok = cols < K
     gate = tl.load(gate_ptr + experts[:, None] * stride_ge + cols[None, :],
                    mask=(experts < E)[:, None] & k_ok[None, :], other=0.0)  # [E_PAD, BLOCK_K], read once  # fmt: skip
+    wait_previous(USE_PDL)  # the router weight is a weight (read above, during the previous kernel's tail); x is not
     logits = tl.zeros([BLOCK_T, E_PAD], dtype=tl.float32)  # rows past T stay 0: finite, never stored
     for t in range(T):
         x = tl.load(x_ptr + t * stride_xt + cols, mask=k_ok, other=0.0).to(tl.float32)  # [BLOCK_K]
@@ -95,7 +97,7 @@ def route_decode(
         T, K, E, routing[2].numel(), routing[3].numel(), x.stride(0), gate.stride(0), xq.stride(0),
         TOP_K=top_k, BLOCK_M=block_m, E_PAD=e_pad, BLOCK_T=triton.next_power_of_2(T), BLOCK_K=block_k,
         **align_blocks(e_pad), ALIGN=align, QUANT=quant, INTERPRETED=interpreting(),
-        num_warps=decode_warps(e_pad, block_k),
+        num_warps=decode_warps(e_pad, block_k), **launch_kwargs(x.device),
     )  # fmt: skip
     return routing if align else routing[:2], (xq, x_scale) if quant else None
 
