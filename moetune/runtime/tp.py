@@ -54,20 +54,14 @@ EXIT = "exit"
 
 
 def leave_process_group(timeout: float = TEARDOWN_S) -> None:
-    """dist.destroy_process_group(), abandoned after timeout (the thread is a daemon: it cannot hold exit);
-    then the communicators are aborted, which needs no peer, so no NCCL thread is left to abort the process
-    at exit ("terminate called without an active exception", exit code 134: 2x H200, 2026-11-26)."""
+    """dist.destroy_process_group(), abandoned after timeout (the thread is a daemon: it cannot hold exit)."""
     if not dist.is_initialized():
         return
     t = threading.Thread(target=dist.destroy_process_group, name="moetune-tp-teardown", daemon=True)
     t.start()
     t.join(timeout)
     if t.is_alive():
-        logging.getLogger("moetune").warning("leaving the process group took over %.0f s; aborting it", timeout)
-        abort = getattr(dist.distributed_c10d, "_abort_process_group", None)
-        if abort is not None:
-            with contextlib.suppress(Exception):
-                abort()
+        logging.getLogger("moetune").warning("leaving the process group took over %.0f s; abandoned", timeout)
 
 
 def init_rank(rank: int, size: int, port: int, device: str) -> None:
@@ -205,9 +199,6 @@ class TPWorkers:
         for conn in self.conns:
             with contextlib.suppress(OSError):
                 conn.send_bytes(pickle.dumps((EXIT, ())))
-        # every rank leaves at once: NCCL's teardown waits for its peers, so rank 0 leaving only after the
-        # workers had given up waiting for it cost 10 s on each side and then an abort (2x H200, 2026-11-26)
-        leave_process_group()
         deadline = time.monotonic() + JOIN_S
         for proc in self.procs:
             proc.join(max(0.0, deadline - time.monotonic()))
@@ -220,4 +211,5 @@ class TPWorkers:
                 proc.join()
         for conn in self.conns:
             conn.close()
+        leave_process_group()
         set_tp(0, 1)
