@@ -199,3 +199,17 @@ def _state(pid: int) -> str:
             return f.read().rsplit(")", 1)[1].split()[0]
     except OSError:
         return "Z"
+
+
+def test_exit_after_an_abandoned_teardown_skips_the_finalizers_but_keeps_the_code(monkeypatch):
+    from moetune.runtime import tp
+
+    exits = []
+    monkeypatch.setattr(tp.os, "_exit", exits.append)
+    monkeypatch.setattr(tp, "teardown_abandoned", True)
+    tp.exit_process(3)
+    assert exits == [3]
+    monkeypatch.setattr(tp, "teardown_abandoned", False)
+    with pytest.raises(SystemExit) as e:
+        tp.exit_process(0)
+    assert e.value.code == 0 and exits == [3]

@@ -62,6 +62,24 @@ def leave_process_group(timeout: float = TEARDOWN_S) -> None:
     t.join(timeout)
     if t.is_alive():
         logging.getLogger("moetune").warning("leaving the process group took over %.0f s; abandoned", timeout)
+        global teardown_abandoned
+        teardown_abandoned = True
+
+
+teardown_abandoned = False  # an NCCL thread is still inside destroy_process_group: see exit_process
+
+
+def exit_process(code: int) -> None:
+    """sys.exit(code), or, after an abandoned teardown, os._exit(code) once stdout/stderr are flushed:
+    the C++ teardown thread still running at interpreter exit would otherwise abort the process
+    ("terminate called without an active exception", exit code 134: 2x H200, 2026-11-26). Results files
+    are written (atomically) before this point, so skipping the finalizers loses nothing."""
+    if teardown_abandoned:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    else:
+        sys.exit(code)
 
 
 def init_rank(rank: int, size: int, port: int, device: str) -> None:

@@ -177,4 +177,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    from moetune.runtime.tp import exit_process  # after main(): it decides the interpreter before imports
+
+    exit_process(code)
