@@ -38,6 +38,17 @@ def test_teacher_forced_decode_logits_equal_prefill_logits(engine):
     assert engine.scheduler.block_manager.num_free == engine.runner.num_kv_blocks
 
 
+def test_teacher_forced_batch_decodes_the_prompts_together_as_they_would_alone(engine):
+    prompts, forced = [[1, 415, 2936], [1, 330, 6312, 28709, 28808]], [[9060, 285], [22557, 28725]]
+    batch = engine.teacher_forced_logits_batch(prompts, forced)  # one decode step of batch 2 per forced token
+    assert batch.shape == (2, 2, engine.spec.vocab_size)
+    for row, p, f in zip(batch, prompts, forced):
+        torch.testing.assert_close(row, engine.teacher_forced_logits(p, f), atol=3e-2, rtol=1e-2)
+    assert engine.scheduler.block_manager.num_free == engine.runner.num_kv_blocks
+    with pytest.raises(MoetuneError, match="one forced list per prompt"):
+        engine.teacher_forced_logits_batch(prompts, [[9060], [22557, 28725]])
+
+
 def test_perturbed_default_changes_only_block_size_m_and_k(engine):
     default = tables.ConfigTable.untuned(4)
     for M in (1, 4, 5, 256):

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import pytest
+import torch
 import torch.distributed as dist
 from conftest import tiny_engine_config
 
@@ -76,6 +77,85 @@ def test_tp2_with_the_fused_kernel_matches_tp1_greedy_tokens(tiny_checkpoint):
     for a, b in zip(logits, ref_logits):
         assert rel_err(a, b) < 5e-3  # partial sums meet in fp16 through the all-reduce
     assert tokens == ref_tokens
+
+
+TUNED = dict(BLOCK_SIZE_M=16, BLOCK_SIZE_N=32, BLOCK_SIZE_K=32, GROUP_SIZE_M=1, num_warps=2, num_stages=2)
+
+
+def save_fused_table(folder, n: int, tp: int) -> None:
+    """A tiny fp16 table whose configs run fuse_silu=1 (in its sidecar): SiLU on GEMM1's unrounded output, which
+    surely rounds otherwise than the default (other tiles alone may round to the same bits on a short input)."""
+    import triton
+
+    from moetune import tables
+
+    path = folder / tables.table_filename(4, n, tables.CPU_DEVICE_NAME, "fp16")
+    sidecar = {"table": path.name, "device": tables.CPU_DEVICE_NAME, "dtype": "fp16", "timings_meaningful": False,
+               "shape": {"E": 4, "N": n, "K": 64, "top_k": 2, "tp": tp},
+               "versions": {"torch": torch.__version__, "triton": triton.__version__, "moetune": "test"},
+               "entries": {m: {"config": {**TUNED, "fuse_silu": 1}} for m in ("1", "64")}}  # fmt: skip
+    tables.save_table(path, {1: TUNED, 64: TUNED}, sidecar)
+
+
+def swapped_expert_checkpoint(src, dst):
+    """The checkpoint with layer 0's experts 0 and 1 exchanged: a wrong expert, on every rank's shard."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    dst.mkdir()
+    shutil.copy(src / "config.json", dst / "config.json")
+    sd = load_file(src / "model.safetensors")
+    p = "model.layers.0.block_sparse_moe.experts."
+    for w in ("w1", "w2", "w3"):
+        sd[f"{p}0.{w}.weight"], sd[f"{p}1.{w}.weight"] = sd[f"{p}1.{w}.weight"], sd[f"{p}0.{w}.weight"]
+    save_file({k: v.contiguous() for k, v in sd.items()}, dst / "model.safetensors", metadata={"format": "pt"})
+    return dst
+
+
+def test_tp2_teacher_forced_logits_follow_the_table_match_tp1_and_catch_a_wrong_expert(tiny_checkpoint, tmp_path):
+    """The serve parity check under TP2 (fp16, the fused kernel): its teacher-forced decode logits equal TP1's on
+    the same weights, the tuned table (found for each rank's N=48 shard) moves them as on TP1, and a swapped expert
+    is a MISMATCH far beyond the tolerance. (2x H200, bf16: tuned vs default and the noise floor were exactly 0;
+    not the TP path going blind, on a CPU at least; benchmarks/tp_parity_check.py measures it on the GPUs.)"""
+    from moetune.serve import compare as cmp
+
+    save_fused_table(tmp_path, 96, 1)
+    save_fused_table(tmp_path, 48, 2)  # each TP2 rank's shard
+    prompts, forced = [PROMPTS[0], PROMPTS[3]], [[9060, 285], [330, 6312]]
+    kw = dict(dtype="fp16", moe_backend="triton", tuned_configs=str(tmp_path))
+
+    def forced_logits(eng) -> dict:
+        out = {}
+        for which in ("default", "default-perturbed", "tuned"):
+            eng.use_tables(which)  # every rank re-derives its table
+            state = eng._call("table_state")
+            assert [(r["rank"], r["which"]) for r in state] == [(i, which) for i in range(len(state))]
+            assert len({r["path"] for r in state}) == 1  # the same shard's table (None: the default) on each
+            out[which] = eng.teacher_forced_logits_batch(prompts, forced)  # [2 prompts, 2 steps, V]: batch 2
+        out["one"] = eng.teacher_forced_logits(prompts[0], forced[0])  # batch 1, as compare.py decodes
+        return out
+
+    with engine(tiny_checkpoint, **kw) as one:
+        ref = forced_logits(one)
+    with engine(tiny_checkpoint, tensor_parallel_size=2, **kw) as two:
+        assert two.moe_table_path is not None and two.moe_table_path.name.startswith("E=4,N=48,")
+        got = forced_logits(two)
+    with engine(swapped_expert_checkpoint(tiny_checkpoint, tmp_path / "swapped"), tensor_parallel_size=2, **kw) as bad:
+        bad.use_tables("default")
+        wrong = bad.teacher_forced_logits_batch(prompts, forced)
+    for which in ref:
+        assert rel_err(got[which], ref[which]) < 5e-3, which  # partial sums meet in fp16 through the all-reduce
+    torch.testing.assert_close(got["one"], got["tuned"][0], atol=3e-2, rtol=1e-2)  # batch 1 == row of batch 2
+    moved = (got["tuned"] - got["default"]).abs().max().item()
+    assert 0 < moved < 0.05  # the fused SiLU rounds otherwise, on TP2 as on TP1: the switch reaches the TP path
+
+    def run(logits):
+        return {"logits": list(logits), "tokens": [r.argmax(-1).tolist() for r in logits]}
+
+    runs = {"default": run(got["default"]), "default-perturbed": run(got["default-perturbed"]), "tuned": run(wrong)}
+    for p in cmp.parity(runs, "fp16"):
+        assert p.verdict == "MISMATCH" and p.max_abs_logit_diff > 5 * p.tolerance > 0
 
 
 @pytest.mark.parametrize(("tp", "message"), [(3, "does not divide tiny's num_heads"), (0, "at least 1")])

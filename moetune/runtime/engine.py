@@ -233,23 +233,40 @@ class LLMEngine:
         """[len(forced), vocab] float32: row i is the next-token logits after prompt + forced[: i + 1], each
         computed by the decode step serving uses (its CUDA graph where there is one), not by a prefill.
         The prompt is prefilled once; the sequence's blocks are released after. Call it when idle."""
-        if not prompt or len(prompt) + len(forced) > self.config.max_model_len:
-            raise MoetuneError(f"teacher_forced_logits needs 1 to max_model_len={self.config.max_model_len} tokens")
-        seq, bm = Sequence(prompt, SamplingParams()), self.scheduler.block_manager
-        if not bm.can_grow(seq, len(prompt) + len(forced)):
-            raise MoetuneError("teacher_forced_logits: the KV cache is full with running requests; call it when idle")
-        bm.grow(seq, len(prompt) + len(forced))
-        seq.num_scheduled_tokens = len(prompt)
+        return self.teacher_forced_logits_batch([prompt], [forced])[0]
+
+    def teacher_forced_logits_batch(self, prompts: list[list[int]], forced: list[list[int]]) -> Tensor:
+        """[B, steps, vocab] float32: teacher_forced_logits of B prompts decoded together, so each step is one
+        decode step of batch B (the graph of B's bucket and the MoE config that bucket picks; batch 1 only
+        exercises the table's M=1 entry). Each prompt is prefilled alone; every forced list has `steps` tokens."""
+        if not prompts or len(prompts) != len(forced) or len({len(f) for f in forced}) != 1:
+            raise MoetuneError("teacher_forced_logits_batch needs one forced list per prompt, all of one length")
+        for prompt, f in zip(prompts, forced):
+            if not prompt or len(prompt) + len(f) > self.config.max_model_len:
+                raise MoetuneError(f"teacher_forced_logits needs 1 to max_model_len={self.config.max_model_len} tokens")
+        bm, seqs = self.scheduler.block_manager, []
         try:
-            self._call("prefill_logits", seq)  # fills the cache; its logits are not the decode path's
+            for prompt, f in zip(prompts, forced):
+                seq = Sequence(prompt, SamplingParams())
+                if not bm.can_grow(seq, len(prompt) + len(f)):
+                    raise MoetuneError(
+                        "teacher_forced_logits: the KV cache is full with running requests; call it when idle"
+                    )
+                bm.grow(seq, len(prompt) + len(f))
+                seqs.append(seq)
+            for seq in seqs:
+                seq.num_scheduled_tokens = len(seq)
+                self._call("prefill_logits", seq)  # fills the cache; its logits are not the decode path's
             rows = []
-            for token in forced:
-                seq.num_cached_tokens, seq.num_scheduled_tokens = len(seq), 1
-                seq.token_ids.append(token)
-                rows.append(self._call("decode_logits", seq))
-            return torch.stack(rows)
+            for step in range(len(forced[0])):
+                for seq, f in zip(seqs, forced):
+                    seq.num_cached_tokens, seq.num_scheduled_tokens = len(seq), 1
+                    seq.token_ids.append(f[step])
+                rows.append(self._call("decode_logits", seqs))  # [B, vocab]
+            return torch.stack(rows, dim=1)
         finally:
-            bm.release(seq)
+            for seq in seqs:
+                bm.release(seq)
 
     def decode_step_time_us(self, batch_size: int, context_len: int, steps: int = 20) -> float:
         """Median µs of one decode step over batch_size sequences at context_len (model forward + greedy pick).

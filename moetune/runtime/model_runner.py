@@ -84,6 +84,7 @@ class ModelRunner:
         self.use_graphs = self.device.type == "cuda" and not cfg.enforce_eager and cfg.moe_backend == "triton"
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.graph_inputs: dict[str, Tensor] = {}
+        self.graphs_table: str | None = None  # the table (TABLE_CHOICES) the graphs were captured with
         if self.use_graphs:
             self.capture_graphs()
 
@@ -198,10 +199,11 @@ class ModelRunner:
     # ------------------------------------------------------------------------------------------ decode
 
     @torch.inference_mode()
-    def decode_logits(self, seq: StepSeq) -> Tensor | None:
-        """One decode step of one sequence through the serving path (graph or eager): its [V] logits on rank 0."""
-        logits = self._decode_logits([seq])
-        return logits[0].float().cpu() if self.is_driver else None
+    def decode_logits(self, seqs: list[StepSeq]) -> Tensor | None:
+        """One decode step of these sequences together through the serving path (the graph of their batch's
+        bucket, or eager): their [B, V] float32 logits on rank 0, on the host (never the graph's output buffer)."""
+        logits = self._decode_logits(seqs)
+        return logits.float().cpu() if self.is_driver else None
 
     def _decode_inputs(self, seqs: list[StepSeq]) -> tuple[list[int], list[int], list[int], list[int]]:
         ids = [s.last_token for s in seqs]
@@ -285,6 +287,17 @@ class ModelRunner:
     def use_tuned_tables(self, tuned: bool) -> None:
         self.use_tables("tuned" if tuned else "default")
 
+    def table_state(self) -> list[dict] | None:
+        """Every rank's MoE table and what its decode graphs baked in, gathered on rank 0 (a collective: under
+        tensor parallelism every rank calls it, through LLMEngine._call). For checks; the order is by rank."""
+        mine = {"rank": layers.TP_RANK, "which": self.tables.which, "path": self.tables.active.path,
+                "graphs": sorted(self.graphs), "graphs_table": self.graphs_table if self.graphs else None}  # fmt: skip
+        if layers.TP_SIZE == 1:
+            return [mine]
+        out: list = [None] * layers.TP_SIZE
+        torch.distributed.all_gather_object(out, mine)
+        return out if self.is_driver else None
+
     @torch.inference_mode()
     def capture_graphs(self) -> None:
         """(Re)capture one decode graph per bucket, largest first so smaller ones reuse its pool memory."""
@@ -304,6 +317,7 @@ class ModelRunner:
             pool = pool or graph.pool()
             self.graphs[bs] = graph
             torch.cuda.synchronize(self.device)
+        self.graphs_table = self.tables.which
         sizes = self.graph_batch_sizes
         log.info("captured %d decode CUDA graphs (batch %s) in %.1f s", len(sizes), sizes, time.perf_counter() - t0)
 
