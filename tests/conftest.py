@@ -1,5 +1,7 @@
-"""Shared fixtures. Tests run on a CPU: Triton kernels go through its interpreter, which must be switched
-on before any kernel module is imported (triton.jit reads the setting when a kernel is defined)."""
+"""Shared fixtures. Without a GPU, Triton kernels go through the CPU interpreter, which must be switched on
+before any kernel module is imported (triton.jit reads the setting when a kernel is defined). With a CUDA GPU
+the interpreter stays off and the same tests run the compiled kernels: a kernel then takes only GPU tensors,
+so every test that launches one builds its inputs on DEVICE."""
 
 from __future__ import annotations
 
@@ -11,6 +13,9 @@ import torch
 from moetune.device import use_interpreter_if_no_gpu
 
 use_interpreter_if_no_gpu()
+
+# Where Triton kernels run: compiled on the GPU when there is one, else in the interpreter on the CPU.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 from moetune.models import PRESETS  # noqa: E402
 
@@ -75,7 +80,9 @@ def tiny_hf_model(tiny_checkpoint_and_model):
 
 
 def tiny_engine_config(checkpoint, **overrides):
-    """EngineConfig for the tiny checkpoint on the CPU: fp32 and the torch MoE path (exact vs HF)."""
+    """EngineConfig for the tiny checkpoint on the CPU: fp32 and the torch MoE path (exact vs HF), which runs
+    no Triton kernel there (the torch references) on any machine. An engine with moe_backend="triton" must
+    also pass device=DEVICE: on a GPU machine the interpreter is off and a CPU engine refuses the kernels."""
     from moetune.runtime import EngineConfig
 
     kwargs = dict(model="tiny", checkpoint=str(checkpoint), device="cpu", dtype="fp32", moe_backend="torch",

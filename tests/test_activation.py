@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import DEVICE
 
 from moetune.kernels import activation as act
 from moetune.kernels.reference import rel_err
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def poisoned(shape, dtype, device):

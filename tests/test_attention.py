@@ -1,9 +1,11 @@
-"""Paged decode attention: the Triton kernel (through the interpreter on a CPU) against the torch reference."""
+"""Paged decode attention: the Triton kernel (through the interpreter on a CPU, compiled on a GPU) against the
+torch reference. Inputs are drawn on the CPU (the same values on any machine), then moved to DEVICE."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from conftest import DEVICE
 
 from moetune.kernels.attention import auto_partition_tokens, paged_decode_attention, paged_decode_attention_reference
 
@@ -19,7 +21,7 @@ def _case(
     v = torch.randn(num_blocks, block_size, Hkv, D, generator=g).to(dtype)
     # scattered, non-contiguous blocks, as after many allocations and frees
     tables = torch.randperm(num_blocks, generator=g)[: B * max_blocks].view(B, max_blocks).int()
-    return q, k, v, tables, torch.tensor(context_lens, dtype=torch.int32)
+    return tuple(t.to(DEVICE) for t in (q, k, v, tables, torch.tensor(context_lens, dtype=torch.int32)))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -53,7 +55,7 @@ def test_kernel_reads_only_the_blocks_of_the_context():
     q, k, v, tables, ctx = _case(B=2, H=4, Hkv=2, D=16, block_size=16, context_lens=[20, 3], dtype=torch.float32)
     before = paged_decode_attention(q, k, v, tables, ctx)
     used = {int(b) for row, n in zip(tables, (2, 1)) for b in row[:n]}
-    unused = torch.tensor(sorted(set(range(k.shape[0])) - used))
+    unused = torch.tensor(sorted(set(range(k.shape[0])) - used), device=DEVICE)
     k[unused] = float("nan")  # poison everything outside the sequences' used blocks
     v[unused] = float("nan")
     k[tables[0, 1], 4:] = float("nan")  # and the unused slots of a partial last block
@@ -68,7 +70,8 @@ def test_split_kv_matches_reference_at_any_partition_and_context(partition, bloc
                                  dtype=torch.bfloat16, seed=partition + block_size)  # fmt: skip
     real = torch.empty
     monkeypatch.setattr(torch, "empty", lambda *a, **kw: real(*a, **kw).fill_(float("nan")))  # poisoned scratch
-    monkeypatch.setattr(torch, "empty_like", lambda t, **kw: real(t.shape, dtype=t.dtype).fill_(float("nan")))
+    monkeypatch.setattr(torch, "empty_like",
+                        lambda t, **kw: real(t.shape, dtype=t.dtype, device=t.device).fill_(float("nan")))
     out = paged_decode_attention(q, k, v, tables, ctx, partition_tokens=partition)
     ref = paged_decode_attention_reference(q, k, v, tables, ctx)
     torch.testing.assert_close(out.float(), ref.float(), atol=1.6e-2, rtol=1.6e-2)

@@ -16,6 +16,11 @@ from moetune.serve import compare as cmp
 W = cmp.Workload(batch_sizes=[1], context_len=8, prompt_len=8, steps=1, ttft_reps=1, check_prompts=1,
                  check_tokens=3, check_prompt_len=5)  # fmt: skip
 TUNED = dict(BLOCK_SIZE_M=16, BLOCK_SIZE_N=16, BLOCK_SIZE_K=32, GROUP_SIZE_M=1, num_warps=2, num_stages=2)
+# The engine runs the fused kernel on the CPU (a CPU table, the interpreter's rounding: the noise floor between
+# two tilings is > 0 there; a GPU's tensor cores may sum both tilings alike). On a GPU the same check runs on
+# Mixtral: `python -m moetune.serve` (benchmarks/gpu_session.sh serve).
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the fused kernel on a CPU needs the interpreter, "
+                                "off on a GPU machine; there `python -m moetune.serve` runs this comparison")
 
 
 @pytest.fixture(scope="module")

@@ -1,10 +1,13 @@
 """benchmarks/decode_step.py's launch counter on the tiny model: the fused kernels cut a decode step's
-launches (the full script is smoke-run by hand: `python benchmarks/decode_step.py --model tiny --out X`)."""
+launches (the full script is smoke-run by hand: `python benchmarks/decode_step.py --model tiny --out X`).
+The engines run on DEVICE: the CPU's interpreter, or the GPU (count_launches counts on either)."""
 
 from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
+
+from conftest import DEVICE
 
 from moetune.runtime import EngineConfig, LLMEngine
 
@@ -19,7 +22,7 @@ def load_bench():
 
 def test_fused_norm_and_rope_cut_launches_per_decode_step():
     bench = load_bench()
-    eng = LLMEngine(EngineConfig(model="tiny", device="cpu", dtype="bf16", max_model_len=64, enforce_eager=True))
+    eng = LLMEngine(EngineConfig(model="tiny", device=DEVICE, dtype="bf16", max_model_len=64, enforce_eager=True))
     try:
         bench.set_options(eng, fused=False, partition=128)
         old = bench.count_launches(eng, 16)
@@ -34,7 +37,7 @@ def test_fused_norm_and_rope_cut_launches_per_decode_step():
 
 def test_one_launch_router_cuts_two_launches_per_layer_with_fp8_experts():
     bench = load_bench()
-    eng = LLMEngine(EngineConfig(model="tiny", device="cpu", dtype="fp8", max_model_len=64, enforce_eager=True))
+    eng = LLMEngine(EngineConfig(model="tiny", device=DEVICE, dtype="fp8", max_model_len=64, enforce_eager=True))
     try:
         bench.count_launches(eng, 16)  # the first step also allocates the split-K counters, once
         bench.set_options(eng, fused=True, partition=0, router=False)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import DEVICE
 
 from moetune.errors import MoetuneError
 from moetune.kernels import fused_moe as fm
@@ -12,8 +13,6 @@ from moetune.kernels.routing import route_and_align
 from moetune.tables import default_config
 
 TOL = {"fp16": 1e-2, "bf16": 1e-2, "fp8": 6e-2}
-# On a GPU machine the same tests check the compiled kernels; here they run through the interpreter.
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def poisoned_alloc(shape, dtype, device):

@@ -1,11 +1,12 @@
-"""fp8 dense linears: the w8a16 Triton kernel (interpreter on a CPU) against float32 torch, and the
-runtime with fp8 qkv/o/lm_head against the same model with 16-bit dense weights."""
+"""fp8 dense linears: the w8a16 Triton kernel (interpreter on a CPU, compiled on a GPU) against float32 torch,
+and the runtime with fp8 qkv/o/lm_head against the same model with 16-bit dense weights. Inputs are drawn on the
+CPU (the same values on any machine), then moved to DEVICE."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_engine_config
+from conftest import DEVICE, tiny_engine_config
 
 from moetune.errors import MoetuneError
 from moetune.kernels import linear_fp8, splitk
@@ -27,8 +28,8 @@ TOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 @pytest.mark.parametrize(("M", "N", "K"), [(1, 40, 64), (3, 70, 200), (17, 33, 96), (70, 130, 72)])
 def test_w8a16_matches_float32_reference(dtype, M, N, K, monkeypatch):
     g = torch.Generator().manual_seed(M * N + K)
-    x = torch.randn(M, K, generator=g).to(dtype)
-    w = torch.randn(N, K, generator=g) * torch.rand(N, 1, generator=g)  # rows of very different scales
+    x = torch.randn(M, K, generator=g).to(dtype).to(DEVICE)
+    w = (torch.randn(N, K, generator=g) * torch.rand(N, 1, generator=g)).to(DEVICE)  # rows of very different scales
     wq, scale = quantize_per_channel(w)
     assert wq.dtype == FP8 and scale.shape == (N,)
     real = torch.empty
@@ -42,15 +43,15 @@ def test_w8a16_matches_float32_reference(dtype, M, N, K, monkeypatch):
 
 
 def test_w8a16_reads_a_strided_activation():
-    x = torch.randn(4, 96)[:, :64]  # row stride 96
-    wq, scale = quantize_per_channel(torch.randn(24, 64))
+    x = torch.randn(4, 96, device=DEVICE)[:, :64]  # row stride 96
+    wq, scale = quantize_per_channel(torch.randn(24, 64, device=DEVICE))
     torch.testing.assert_close(linear_w8a16(x, wq, scale), linear_fp8_reference(x, wq, scale), atol=1e-5, rtol=1e-5)
 
 
 def _poisoned_case(M, N, K, dtype, monkeypatch):
     g = torch.Generator().manual_seed(M * N + K)
-    x = torch.randn(M, K, generator=g).to(dtype)
-    wq, scale = quantize_per_channel(torch.randn(N, K, generator=g) * torch.rand(N, 1, generator=g))
+    x = torch.randn(M, K, generator=g).to(dtype).to(DEVICE)
+    wq, scale = quantize_per_channel((torch.randn(N, K, generator=g) * torch.rand(N, 1, generator=g)).to(DEVICE))
     real = torch.empty
     monkeypatch.setattr(torch, "empty", lambda *a, **kw: real(*a, **kw).fill_(float("nan")))  # output and partials
     return x, wq, scale, x.float() @ (wq.float() * scale[:, None]).t()
@@ -62,7 +63,7 @@ def _poisoned_case(M, N, K, dtype, monkeypatch):
 def test_w8a16_split_k_matches_float32_reference(split_k, M, N, K, dtype, monkeypatch):
     """K-slices of 32 columns: K=200 gives 7 blocks, so SPLIT_K=8 also has an empty slice (a zero partial)."""
     x, wq, scale, ref = _poisoned_case(M, N, K, dtype, monkeypatch)
-    counters = splitk.tile_counters(torch.device("cpu"), 1)
+    counters = splitk.tile_counters(x.device, 1)  # x.device: the launch's own key (cuda:0, not cuda)
     cfg = W8A16Config(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, num_warps=4, num_stages=4, SPLIT_K=split_k)
     out = linear_w8a16(x, wq, scale, cfg)
     assert out.dtype == dtype and out.shape == (M, N) and torch.isfinite(out).all()
@@ -112,13 +113,14 @@ def test_w8a16_config_names_the_bad_knob(bad):
 
 
 def test_fp8_dense_logits_against_the_bf16_model(tiny_checkpoint):
-    """The same tiny model with bf16 activations and the fused kernels; dense weights bf16 vs fp8.
+    """The same tiny model with bf16 activations and the fused kernels; dense weights bf16 vs fp8. Prefills only:
+    no decode graphs to capture on a GPU (enforce_eager).
 
     Stated tolerances: against the bf16 model whose dense weights are the fp8 ones dequantised, the fp8
     path must agree to bf16 rounding (rel err < 0.02; measured 0.009). Against the bf16 model itself,
     e4m3's ~2.5% weight error moves early rows by ~5%; later rows move more (measured up to 0.5) because
     this random model's top-2-of-4 routing flips on small changes: the median row must stay < 0.1."""
-    kw = dict(dtype="bf16", moe_backend="triton")
+    kw = dict(dtype="bf16", moe_backend="triton", device=DEVICE, enforce_eager=True)
     bf16 = LLMEngine(tiny_engine_config(tiny_checkpoint, dense_dtype="bf16", **kw))
     fp8 = LLMEngine(tiny_engine_config(tiny_checkpoint, dense_dtype="fp8", **kw))
     attn = fp8.runner.model.model.layers[0].self_attn
@@ -136,4 +138,5 @@ def test_fp8_dense_logits_against_the_bf16_model(tiny_checkpoint):
 
 def test_dense_dtype_is_checked(tiny_checkpoint):
     with pytest.raises(MoetuneError, match="dense_dtype 'fp16' with dtype bf16"):
-        LLMEngine(tiny_engine_config(tiny_checkpoint, dtype="bf16", moe_backend="triton", dense_dtype="fp16"))
+        LLMEngine(tiny_engine_config(tiny_checkpoint, dtype="bf16", moe_backend="triton", dense_dtype="fp16",
+                                     device=DEVICE))

@@ -1,10 +1,12 @@
-"""Fused residual-add + RMSNorm and RoPE + KV-cache write (Triton, through the interpreter on a CPU)
-against float32 torch references: fresh random inputs, odd shapes, outputs poisoned with NaN first."""
+"""Fused residual-add + RMSNorm and RoPE + KV-cache write (Triton: through the interpreter on a CPU, compiled
+on a GPU) against float32 torch references: fresh random inputs, odd shapes, outputs poisoned with NaN first.
+Inputs are drawn on the CPU (the same values on any machine), then moved to DEVICE."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from conftest import DEVICE
 
 from moetune.kernels.norm import add_rms_norm, add_rms_norm_reference
 from moetune.kernels.rope import rope_and_cache, rope_and_cache_reference
@@ -23,8 +25,8 @@ def poisoned_empty_like(monkeypatch):
 @pytest.mark.parametrize(("T", "H"), [(1, 64), (5, 96), (3, 200)])
 def test_add_rms_norm_matches_float32_reference(dtype, T, H, poisoned_empty_like):
     g = torch.Generator().manual_seed(T * H)
-    x, res = (torch.randn(T, H, generator=g).to(dtype) for _ in range(2))
-    w = (1 + 0.1 * torch.randn(H, generator=g)).to(dtype)
+    x, res = (torch.randn(T, H, generator=g).to(dtype).to(DEVICE) for _ in range(2))
+    w = (1 + 0.1 * torch.randn(H, generator=g)).to(dtype).to(DEVICE)
     for residual in (None, res):
         out, new_res = add_rms_norm(x, w, 1e-5, residual)
         ref_x = x.float() + (residual.float() if residual is not None else 0)
@@ -41,7 +43,7 @@ def test_add_rms_norm_matches_float32_reference(dtype, T, H, poisoned_empty_like
 def _cos_sin(D: int, P: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     inv = 1.0 / 10000 ** (torch.arange(0, D, 2).float() / D)
     f = torch.outer(torch.arange(P).float(), inv)
-    return f.cos(), f.sin()
+    return f.cos().to(DEVICE), f.sin().to(DEVICE)
 
 
 def _rope_float32(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:  # [T, h, D] fp32
@@ -53,13 +55,13 @@ def _rope_float32(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torc
 @pytest.mark.parametrize(("T", "H", "Hkv", "D", "bs"), [(1, 4, 2, 16, 16), (7, 6, 2, 24, 4), (3, 5, 5, 8, 8)])
 def test_rope_and_cache_write_match_float32_reference(dtype, T, H, Hkv, D, bs):
     g = torch.Generator().manual_seed(T + H + D)
-    qkv = torch.randn(T, (H + 2 * Hkv) * D, generator=g).to(dtype)
-    positions = torch.randint(0, 64, (T,), generator=g)
+    qkv = torch.randn(T, (H + 2 * Hkv) * D, generator=g).to(dtype).to(DEVICE)
+    positions = torch.randint(0, 64, (T,), generator=g).to(DEVICE)
     cos, sin = _cos_sin(D)
     nblocks = T + 2
-    kc = torch.full((nblocks, bs, Hkv, D), float("nan"), dtype=dtype)
+    kc = torch.full((nblocks, bs, Hkv, D), float("nan"), dtype=dtype, device=DEVICE)
     vc = kc.clone()
-    slots = torch.randperm(nblocks * bs, generator=g)[:T]
+    slots = torch.randperm(nblocks * bs, generator=g)[:T].to(DEVICE)
     before = qkv.clone()
     rope_and_cache(qkv, positions, cos, sin, H, Hkv, kc, vc, slots)
     q0, k0, v0 = before.float().split([H * D, Hkv * D, Hkv * D], dim=-1)
@@ -72,7 +74,7 @@ def test_rope_and_cache_write_match_float32_reference(dtype, T, H, Hkv, D, bs):
     assert torch.equal(v, v0)  # v untouched in qkv
     flat_k, flat_v = kc.view(-1, Hkv, D), vc.view(-1, Hkv, D)
     assert torch.equal(flat_k[slots].float(), k.view(T, Hkv, D)) and torch.equal(flat_v[slots].float(), v0.view(T, Hkv, D))
-    others = torch.ones(nblocks * bs, dtype=torch.bool)
+    others = torch.ones(nblocks * bs, dtype=torch.bool, device=DEVICE)
     others[slots] = False
     assert flat_k[others].isnan().all() and flat_v[others].isnan().all()  # no other slot written
     # the eager path gives the same bits
@@ -82,10 +84,11 @@ def test_rope_and_cache_write_match_float32_reference(dtype, T, H, Hkv, D, bs):
 
 
 def test_rope_without_a_cache_only_rotates():
-    qkv = torch.randn(2, (2 + 2) * 8)
+    qkv = torch.randn(2, (2 + 2) * 8).to(DEVICE)
     ref = qkv.clone()
     cos, sin = _cos_sin(8)
-    rope_and_cache(qkv, torch.tensor([0, 3]), cos, sin, 2, 1)
-    rope_and_cache_reference(ref, torch.tensor([0, 3]), cos, sin, 2, 1)
+    positions = torch.tensor([0, 3], device=DEVICE)
+    rope_and_cache(qkv, positions, cos, sin, 2, 1)
+    rope_and_cache_reference(ref, positions, cos, sin, 2, 1)
     torch.testing.assert_close(qkv, ref)
     assert torch.equal(qkv[0], ref[0])  # position 0: the identity rotation

@@ -1,10 +1,11 @@
 """Programmatic dependent launch (moetune/kernels/pdl.py): the switch, and the safety rule on every kernel.
 
-The rule cannot be exercised here (no GPU, and the interpreter runs programs one after another), so it is
-checked on the kernels' source: `wait_previous(USE_PDL)` is a top-level statement of every kernel, and
+The rule cannot be exercised on a CPU (the interpreter runs programs one after another), so it is checked on
+the kernels' source: `wait_previous(USE_PDL)` is a top-level statement of every kernel, and
 nothing before it returns, stores, runs an atomic, or loads through a pointer other than a declared weight,
 also inside the @triton.jit helpers it calls. The checker is shown to catch each kind of violation. That the
-compiled sm_90 code waits before its first global access is tests/test_hopper_compile.py's part.
+compiled sm_90 code waits before its first global access is tests/test_hopper_compile.py's part; on a Hopper
+GPU, tests/test_pdl_gpu.py runs it (PDL on and off must give the same bits).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import pytest
 import torch
 import triton
 import triton.language as tl
+from conftest import DEVICE
 
 from moetune.kernels import (
     activation,
@@ -57,6 +59,7 @@ def kernels() -> dict[str, object]:
 # --------------------------------------------------------------------------------------------- the switch
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter is on only on a machine without a GPU")
 def test_off_on_the_cpu_and_under_the_interpreter():
     assert pdl.launch_kwargs(torch.device("cpu")) == {"launch_pdl": False, "USE_PDL": False}
     assert os.environ.get("TRITON_INTERPRET") == "1"
@@ -90,42 +93,47 @@ def test_env_var_sets_the_default(env, expected):
 
 
 def launch_everything() -> None:
-    """One launch of every decode-step kernel, through its public launcher, on tiny inputs."""
+    """One launch of every decode-step kernel, through its public launcher, on tiny inputs on DEVICE."""
     from moetune.kernels.fused_moe import fused_moe, fused_moe_routed, quantize_fp8_per_expert
 
     g = torch.Generator().manual_seed(0)
     T, E, N, K = 2, 4, 32, 64
-    x, logits = torch.randn(T, K, generator=g).bfloat16(), torch.randn(T, E, generator=g)
-    (w13, s13), (w2, s2) = quantize_fp8_per_expert(torch.randn(E, 2 * N, K)), quantize_fp8_per_expert(torch.randn(E, K, N))
+    randn = lambda *shape: torch.randn(*shape, generator=g).to(DEVICE)  # noqa: E731
+    x, logits = randn(T, K).bfloat16(), randn(T, E)
+    (w13, s13), (w2, s2) = quantize_fp8_per_expert(randn(E, 2 * N, K)), quantize_fp8_per_expert(randn(E, K, N))
     cfg = dict(BLOCK_SIZE_M=16, BLOCK_SIZE_N=32, BLOCK_SIZE_K=64, GROUP_SIZE_M=1, num_warps=4, num_stages=2)
     for extra in ({}, {"fuse_silu": 1}, {"kernel": "gemv"}):
         fused_moe(x, logits, w13, w2, 2, cfg | extra, s13, s2)
     routing.route_and_align(logits, 2, 16, parallel=True)
-    fused_moe_routed(x, torch.randn(E, K, generator=g).bfloat16(), w13, w2, 2, cfg, s13, s2)
+    fused_moe_routed(x, randn(E, K).bfloat16(), w13, w2, 2, cfg, s13, s2)
     activation.quantize_rows(x)
-    linear_fp8.linear_w8a16(x, *linear_fp8.quantize_per_channel(torch.randn(16, K)))
-    q, cache = torch.randn(1, 4, 16), torch.randn(4, 16, 2, 16)  # [B, H, D], [blocks, block_size, Hkv, D]
-    attention.paged_decode_attention(q, cache, cache, torch.tensor([[0, 1]], dtype=torch.int32),
-                                     torch.tensor([20], dtype=torch.int32), partition_tokens=16)  # fmt: skip
-    norm.add_rms_norm(x, torch.ones(K, dtype=torch.bfloat16), 1e-5, residual=x)
-    qkv, cos = torch.randn(1, 8 * 16).bfloat16(), torch.randn(8, 8)  # 4 q heads + 2 k + 2 v heads of D=16
-    rope.rope_and_cache(qkv, torch.tensor([3]), cos, cos, 4, 2, cache.bfloat16(), cache.bfloat16(), torch.tensor([5]))
+    linear_fp8.linear_w8a16(x, *linear_fp8.quantize_per_channel(randn(16, K)))
+    q, cache = randn(1, 4, 16), randn(4, 16, 2, 16)  # [B, H, D], [blocks, block_size, Hkv, D]
+    ints = lambda *v: torch.tensor(v, dtype=torch.int32, device=DEVICE)  # noqa: E731
+    attention.paged_decode_attention(q, cache, cache, ints([0, 1]), ints(20), partition_tokens=16)
+    norm.add_rms_norm(x, torch.ones(K, dtype=torch.bfloat16, device=DEVICE), 1e-5, residual=x)
+    qkv, cos = randn(1, 8 * 16).bfloat16(), randn(8, 8)  # 4 q heads + 2 k + 2 v heads of D=16
+    longs = lambda *v: torch.tensor(v, device=DEVICE)  # noqa: E731
+    rope.rope_and_cache(qkv, longs(3), cos, cos, 4, 2, cache.bfloat16(), cache.bfloat16(), longs(5))
 
 
 def test_every_launch_passes_launch_pdl_and_use_pdl_together(monkeypatch):
+    """Under the interpreter both are False; on a GPU both are what pdl.launch_kwargs says (True on sm_90+)."""
     launches: list[tuple[str, dict]] = []
-    interp = triton.runtime.interpreter.InterpretedFunction
-    real = interp.run
+    jit = triton.runtime.interpreter.InterpretedFunction if pdl.interpreting() else triton.runtime.jit.JITFunction
+    real = jit.run
 
     def record(self, *args, grid, warmup, **kwargs):
         launches.append((self.fn.__name__, kwargs))
         return real(self, *args, grid=grid, warmup=warmup, **kwargs)
 
-    monkeypatch.setattr(interp, "run", record)
+    monkeypatch.setattr(jit, "run", record)
     launch_everything()
     assert {name for name, _ in launches} == set(kernels())  # every kernel launched, and no other
+    expected = pdl.launch_kwargs(torch.device(DEVICE))["launch_pdl"]
+    assert expected is (torch.cuda.is_available() and pdl.enabled() and torch.cuda.get_device_capability()[0] >= 9)
     for name, kw in launches:
-        assert "launch_pdl" in kw and "USE_PDL" in kw and kw["launch_pdl"] is kw["USE_PDL"] is False, name
+        assert "launch_pdl" in kw and "USE_PDL" in kw and kw["launch_pdl"] is kw["USE_PDL"] is expected, name
 
 
 # ----------------------------------------------------------------------------------- the rule, on the source

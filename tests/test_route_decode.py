@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from test_fused_moe import DEVICE, TOL, config, poisoned_alloc
+from conftest import DEVICE
+from test_fused_moe import TOL, config, poisoned_alloc
 
 from moetune.errors import MoetuneError
 from moetune.kernels import fused_moe as fm

@@ -1,10 +1,12 @@
-"""The bundled runtime on a CPU against transformers' Mixtral: same logits, same greedy tokens, under batching."""
+"""The bundled runtime on a CPU against transformers' Mixtral: same logits, same greedy tokens, under batching.
+The engines with Triton kernels (moe_backend="triton") run on DEVICE: the GPU (CUDA graphs and all) when there
+is one, else the CPU through the interpreter; the fp32 torch engines stay on the CPU on any machine."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_engine_config
+from conftest import DEVICE, tiny_engine_config
 
 from moetune.kernels.reference import rel_err
 from moetune.runtime import EngineConfig, LLMEngine, SamplingParams
@@ -170,8 +172,8 @@ def test_decode_step_timing_leaves_running_requests_untouched(engine):
 
 
 def test_dummy_weights_are_seeded_and_generate(tiny_checkpoint):
-    a = LLMEngine(EngineConfig(model="tiny", device="cpu", max_model_len=64, seed=1))
-    b = LLMEngine(EngineConfig(model="tiny", device="cpu", max_model_len=64, seed=1))
+    a = LLMEngine(EngineConfig(model="tiny", device=DEVICE, max_model_len=64, max_num_seqs=4, seed=1))
+    b = LLMEngine(EngineConfig(model="tiny", device=DEVICE, max_model_len=64, max_num_seqs=4, seed=1))
     assert a.config.load_format == "dummy" and a.config.dtype == "bf16"  # the fused kernel takes 16-bit
     params = SamplingParams(max_tokens=4, ignore_eos=True)
     out = a.generate([PROMPTS[0]], params)
@@ -192,12 +194,14 @@ def test_fp8_experts_stay_close_to_the_float32_model(tiny_checkpoint, tiny_hf_mo
 
 @pytest.mark.parametrize(("dtype", "tol"), [("fp16", 5e-3), ("bf16", 3e-2), ("fp8", 0.08)])
 def test_fused_moe_backend_matches_transformers(tiny_checkpoint, tiny_hf_model, dtype, tol):
-    """The GPU configuration (Triton MoE + Triton decode attention), here through the interpreter."""
-    eng = make_engine(tiny_checkpoint, dtype=dtype, moe_backend="triton", dense_dtype="bf16" if dtype == "fp8" else "auto")
+    """The GPU configuration (Triton MoE + Triton decode attention): through the interpreter on a CPU, compiled
+    (decode through the CUDA graphs) on a GPU."""
+    eng = make_engine(tiny_checkpoint, dtype=dtype, moe_backend="triton", device=DEVICE,
+                      dense_dtype="bf16" if dtype == "fp8" else "auto")  # fmt: skip
     prompt, n = PROMPTS[1], 8
     with torch.no_grad():
         ref = tiny_hf_model(torch.tensor([prompt])).logits[0]
-    assert rel_err(eng.prefill_logits(prompt), ref) < tol
+    assert rel_err(eng.prefill_logits(prompt).cpu(), ref) < tol
     if dtype == "fp16":  # 16-bit rounding flips late bf16 tokens of a random model; fp16 stays exact here
         tokens = eng.generate([prompt], SamplingParams(max_tokens=n, ignore_eos=True))[0]
         assert tokens == hf_greedy(tiny_hf_model, prompt, n)[0]
@@ -206,14 +210,15 @@ def test_fused_moe_backend_matches_transformers(tiny_checkpoint, tiny_hf_model, 
 @pytest.mark.parametrize("dtype", ["bf16", "fp8"])
 def test_one_launch_router_gives_the_logits_of_the_router_linear(tiny_checkpoint, dtype, monkeypatch):
     """fused_router on (route_decode up to 16 tokens) and off (F.linear, then fused_moe): the same logits,
-    bit for bit, for prompts of 1 to 7 tokens (one launch) and 18 (F.linear inside fused_moe_routed)."""
+    bit for bit, for prompts of 1 to 7 tokens (one launch) and 18 (F.linear inside fused_moe_routed). Eager
+    decode (enforce_eager) on a GPU too, so every decode step calls route_decode, as on the CPU."""
     from moetune.kernels import fused_moe
 
     calls = []
     real = fused_moe.route_decode
     monkeypatch.setattr(fused_moe, "route_decode", lambda *a, **kw: calls.append(1) or real(*a, **kw))
-    engines = {on: make_engine(tiny_checkpoint, dtype=dtype, moe_backend="triton", dense_dtype="bf16", fused_router=on)
-               for on in (True, False)}  # fmt: skip
+    engines = {on: make_engine(tiny_checkpoint, dtype=dtype, moe_backend="triton", dense_dtype="bf16", fused_router=on,
+                               device=DEVICE, enforce_eager=True) for on in (True, False)}  # fmt: skip
     assert [e.runner.model.model.layers[0].block_sparse_moe.fused_router for e in engines.values()] == [True, False]
     params = SamplingParams(max_tokens=4, ignore_eos=True)
     for prompt in (PROMPTS[2][:1], PROMPTS[0], PROMPTS[1]):

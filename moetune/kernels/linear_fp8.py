@@ -57,8 +57,9 @@ def _w8a16_kernel(
         k_ok = offs_k < K - k0
         x = tl.load(x_ptrs, mask=(rows < M)[:, None] & k_ok[None, :], other=0.0)
         w = tl.load(w_ptrs, mask=k_ok[:, None] & (cols < N)[None, :], other=0.0)
-        if UPCAST_DOT:  # the CPU interpreter's 16-bit dot is wrong; fp8 -> fp32 is exact
-            acc += tl.dot(x.to(tl.float32), w.to(tl.float32))
+        if UPCAST_DOT:  # the CPU interpreter's 16-bit dot is wrong; fp8 -> fp32 is exact. "ieee": a GPU would
+            # otherwise round float32 activations to tf32 (10-bit mantissa): ~1e-3 error in an fp32 linear
+            acc += tl.dot(x.to(tl.float32), w.to(tl.float32), input_precision="ieee")
         else:  # fp8 -> bf16/fp16 is exact too: e4m3 fits both
             acc = tl.dot(x, w.to(x.dtype), acc)
         x_ptrs += BLOCK_K

@@ -119,7 +119,9 @@ class ModelRunner:
             stats = torch.cuda.memory_stats(self.device)
             peak_extra = stats["allocated_bytes.all.peak"] - stats["allocated_bytes.all.current"]
             budget = total * self.cfg.gpu_memory_utilization - (total - free) - peak_extra
-            num_blocks = int(budget // block_bytes)
+            # at most max_num_seqs sequences hold blocks at once (scheduler.py), none more than max_blocks: more
+            # blocks would never be used, only kept from a second engine in this process (tests build several)
+            num_blocks = min(int(budget // block_bytes), self.cfg.max_num_seqs * self.max_blocks)
         else:
             fits = CPU_KV_CACHE_BYTES // block_bytes
             num_blocks = max(self.max_blocks, min(self.cfg.max_num_seqs * self.max_blocks, fits))
