@@ -21,6 +21,7 @@ import pytest
 import torch
 import triton
 import triton.language as tl
+import triton.runtime.interpreter  # not imported by triton itself when a GPU is there
 from conftest import DEVICE
 
 from moetune.kernels import (
