@@ -15,7 +15,8 @@
 The sum over top_k stays its own launch: the GEMMs (which define what a tuned table means) write one
 row per slot, and the one consumer that could absorb the sum, the next layer's add + RMSNorm, would
 need the MoE output unsummed across the decoder layers and, with tensor parallelism, before the
-all-reduce (twice its bytes, rounded differently); all that for ~2 µs a layer.
+all-reduce (twice its bytes, rounded differently). It measured 6.0 µs a layer at batch 1 on an H100
+(2026-11-26, benchmarks/NOTES.md), more than the ~2 µs guessed: the next candidate for the decode step.
 
 S = T * top_k slots. Both GEMMs share one config of vLLM's six knobs, because the sorted slot list is
 padded to one BLOCK_SIZE_M: that is what makes our tables loadable by vLLM and SGLang. Nothing here
