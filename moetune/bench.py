@@ -98,11 +98,12 @@ def bench_one(bench: KernelBench, M: int, table: ConfigTable, ceilings: Ceilings
     tuned_cfg, default_cfg = table.pick(M), default_config(M, bench.shape.E)
     err = _checked(bench, tuned_cfg, M, "the table's")
     default_us = bench.time(default_cfg, M, reps)
-    tuned_us = bench.time(tuned_cfg, M, reps) if table.path else default_us
-    if against is not None:
+    if against is not None:  # the table's config is timed in the alternating rounds only
         other = against.pick(M)
         _checked(bench, other, M, f"--against {against.path.name}'s")
         tuned_us, against_us = paired_us(bench, tuned_cfg, other, M, reps, rounds)
+    else:
+        tuned_us = bench.time(tuned_cfg, M, reps) if table.path else default_us
     floor = floor_us(bench, M, ceilings)
     row = dict(
         M=M, default_us=default_us, table_us=tuned_us, speedup=default_us / tuned_us, floor_us=floor,
