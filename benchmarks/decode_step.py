@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel module is imported
 
-from moetune.kernels import pdl  # noqa: E402
+from moetune.kernels import activation, fused_moe, pdl  # noqa: E402
 from moetune.kernels.norm import add_rms_norm, add_rms_norm_reference  # noqa: E402
 from moetune.kernels.rope import rope_and_cache, rope_and_cache_reference  # noqa: E402
 from moetune.runtime import EngineConfig, LLMEngine  # noqa: E402
@@ -51,12 +51,24 @@ VIEW_OPS = {"view", "_unsafe_view", "reshape", "split", "split_with_sizes", "sli
             "empty_strided", "unbind", "chunk", "narrow", "_reshape_alias", "lift_fresh"}  # fmt: skip
 
 
+# The third session's decode folds, module switches read at every launch: name -> (module, attribute, on, off)
+KERNEL_SWITCHES = {
+    "fold_sum": (fused_moe, "FOLD_TOPK_SUM", True, False),  # GEMM2 adds each token's slots (no topk_sum)
+    "silu_one_pass": (activation, "ROW_PASS_MAX_FEW_ROWS", activation.ROW_PASS_MAX_FEW_ROWS, 0),  # 1 launch, not 3
+    "fold_norm": (fused_moe, "FOLD_NORM", True, False),  # post-attention add + RMSNorm inside route_decode
+}
+
+
 def set_options(engine: LLMEngine, fused: bool, partition: int, router: bool = True,
-                use_pdl: bool = pdl.DEFAULT) -> None:  # fmt: skip
+                use_pdl: bool = pdl.DEFAULT, **switches: bool) -> None:  # fmt: skip
     """Switch every layer's norm/rope functions, attention partition size and MoE router (one launch with
-    routing, or F.linear before it), and PDL for every launch (on only where the GPU has it; default:
-    MOETUNE_PDL's choice), then re-capture the graphs."""
+    routing, or F.linear before it), PDL for every launch (on only where the GPU has it; default:
+    MOETUNE_PDL's choice) and the KERNEL_SWITCHES (each on unless given False), then re-capture the graphs."""
     pdl.set_enabled(use_pdl)
+    for name, (module, attr, on, off) in KERNEL_SWITCHES.items():
+        setattr(module, attr, on if switches.pop(name, True) else off)
+    if switches:
+        raise ValueError(f"unknown switches {sorted(switches)}; known: {sorted(KERNEL_SWITCHES)}")
     for m in engine.runner.model.modules():
         if isinstance(m, RMSNorm):
             m.norm = add_rms_norm if fused else add_rms_norm_reference
@@ -170,35 +182,44 @@ def main() -> int:
     def tok_s(engine: LLMEngine, batch: int) -> float:
         return batch * 1e6 / engine.decode_step_time_us(batch, ctx, steps)
 
-    def b1(engine: LLMEngine, name: str, fused: bool, partition: int, router: bool, use_pdl: bool) -> None:
-        set_options(engine, fused, partition, router, use_pdl)
+    def b1(engine: LLMEngine, name: str, fused: bool, partition: int, router: bool, use_pdl: bool,
+           **switches: bool) -> None:  # fmt: skip
+        set_options(engine, fused, partition, router, use_pdl, **switches)
         row = {"option": name, "dense": engine.config.dense_dtype, "fused_norm_rope": fused,
                "partition_tokens": partition or "auto", "fused_router": router,
-               "pdl": pdl.launch_kwargs(engine.runner.device)["launch_pdl"], "tok_s": tok_s(engine, 1)}  # fmt: skip
+               "pdl": pdl.launch_kwargs(engine.runner.device)["launch_pdl"], "tok_s": tok_s(engine, 1),
+               **{k: switches.get(k, True) for k in KERNEL_SWITCHES}}  # fmt: skip
         results["decode_b1"].append(row)
         print(f"  {name:<44} {row['tok_s']:8.1f} tok/s", flush=True)
 
     print(f"== dense bf16 ({args.model}, {base['dtype']} experts)", flush=True)
     eng = LLMEngine(EngineConfig(**base, dense_dtype="bf16", max_num_seqs=1))
-    results["launches"]["old (eager norm/rope)"] = (set_options(eng, False, 128), count_launches(eng, ctx))[1]
-    results["launches"]["new (fused norm/rope)"] = (set_options(eng, True, 0), count_launches(eng, ctx))[1]
-    b1(eng, "v1-like: eager norm/rope, split-KV 128 tok", False, 128, router=False, use_pdl=False)
-    b1(eng, "+ fused norm/rope", True, 128, router=False, use_pdl=False)
-    b1(eng, "+ split-KV by batch (32 tokens at b=1)", True, 0, router=False, use_pdl=False)
+    old = {k: False for k in KERNEL_SWITCHES}  # the switches of this session, off
+    results["launches"]["old (eager norm/rope)"] = (set_options(eng, False, 128, **old), count_launches(eng, ctx))[1]
+    results["launches"]["new (fused norm/rope)"] = (set_options(eng, True, 0, **old), count_launches(eng, ctx))[1]
+    b1(eng, "v1-like: eager norm/rope, split-KV 128 tok", False, 128, router=False, use_pdl=False, **old)
+    b1(eng, "+ fused norm/rope", True, 128, router=False, use_pdl=False, **old)
+    b1(eng, "+ split-KV by batch (32 tokens at b=1)", True, 0, router=False, use_pdl=False, **old)
     eng.close()
     del eng
     gc.collect()
 
     print("== dense fp8 (the new default with dtype fp8)", flush=True)
     eng = LLMEngine(EngineConfig(**base, dense_dtype="fp8", max_num_seqs=max(batches)))
-    b1(eng, "+ fp8 dense (w8a16)", True, 0, router=False, use_pdl=False)
+    b1(eng, "+ fp8 dense (w8a16)", True, 0, router=False, use_pdl=False, **old)
     results["launches"]["fp8 dense, router apart"] = count_launches(eng, ctx)
-    b1(eng, "+ one-launch router", True, 0, router=True, use_pdl=False)
-    b1(eng, "+ PDL (programmatic dependent launch)", True, 0, router=True, use_pdl=True)
-    b1(eng, "  same, PDL off again (drift check)", True, 0, router=True, use_pdl=False)
-    b1(eng, "  same, PDL on, router apart", True, 0, router=False, use_pdl=True)
-    set_options(eng, True, 0)  # the defaults: one-launch router, PDL where the GPU has it
-    results["launches"]["fp8 dense, one-launch router"] = count_launches(eng, ctx)
+    b1(eng, "+ one-launch router", True, 0, router=True, use_pdl=False, **old)
+    b1(eng, "+ PDL (programmatic dependent launch)", True, 0, router=True, use_pdl=True, **old)
+    results["launches"]["fp8 dense, one-launch router, PDL"] = count_launches(eng, ctx)
+    b1(eng, "  same, PDL off again (drift check)", True, 0, router=True, use_pdl=False, **old)
+    on: dict[str, bool] = {}
+    for name, label in (("fold_sum", "+ top-k sum folded into GEMM2"), ("silu_one_pass", "+ one-pass SiLU at decode"),
+                        ("fold_norm", "+ add+RMSNorm inside the router")):  # fmt: skip
+        on[name] = True
+        b1(eng, label, True, 0, router=True, use_pdl=True, **(old | on))
+    b1(eng, "  same, this session's folds off (drift check)", True, 0, router=True, use_pdl=True, **old)
+    set_options(eng, True, 0)  # the defaults: one-launch router, PDL where the GPU has it, every fold
+    results["launches"]["this session's defaults"] = count_launches(eng, ctx)
     results["profile"], results["kernels"] = step_profile(eng, ctx)
     for b in batches:
         results["batch"].append({"batch": b, "tok_s": tok_s(eng, b)})

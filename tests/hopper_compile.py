@@ -85,12 +85,13 @@ def gemm_variants():
         act = "bf16" if dtype == "fp8" else dtype
         for name, cfg in (("default-small-M", default_config(1, 8)), ("default-large-M", default_config(64, 8)),
                           ("tuned-like", tuned)):  # fmt: skip
-            for gemm, a_type, row_div, routed in (("gemm1", w, 2, False), ("gemm2", w, 1, True)):
+            for gemm, a_type, row_div, routed, c_div in (("gemm1", w, 2, False, 1), ("gemm2", w, 1, True, 1),
+                                                         ("gemm2-topk-sum", w, 1, True, 2)):  # fmt: skip
                 types = {"a_ptr": f"*{a_type}", "b_ptr": f"*{w}", "c_ptr": f"*{act}", "a_scale_ptr": "*fp32",
                          "b_scale_ptr": "*fp32", "topk_weights_ptr": "*fp32", "sorted_ids_ptr": "*i32",
                          "expert_ids_ptr": "*i32", "num_padded_ptr": "*i32"}  # fmt: skip
                 consts = {k: cfg[k] for k in ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "GROUP_SIZE_M")}
-                consts.update(A_ROW_DIV=row_div, MUL_ROUTED_WEIGHT=routed, USE_FP8=dtype == "fp8", EVEN_K=True,
+                consts.update(A_ROW_DIV=row_div, C_ROW_DIV=c_div, MUL_ROUTED_WEIGHT=routed, USE_FP8=dtype == "fp8", EVEN_K=True,
                               INDEX_64=False, INTERPRETED=False, UPCAST_DOT=False)  # fmt: skip
                 yield (f"moe_gemm/{dtype}/{gemm}/{name}", moe_gemm._moe_gemm_kernel, types, consts,
                        cfg["num_warps"], cfg["num_stages"])  # fmt: skip
@@ -112,9 +113,11 @@ def other_variants():
     for tokens, align, quant in ((1, True, True), (16, True, True), (1, False, False)):  # tiled fp8 / bf16, GEMV
         yield (f"route_decode/T={tokens}/align={align}/quant={quant}", route_decode._route_decode_kernel,
                {"x_ptr": "*bf16", "gate_ptr": "*bf16", "weights_ptr": "*fp32", "ids_ptr": "*i32", "sorted_ids_ptr": "*i32",
-                "expert_ids_ptr": "*i32", "num_padded_ptr": "*i32", "xq_ptr": "*fp8e4nv", "x_scale_ptr": "*fp32"},
+                "expert_ids_ptr": "*i32", "num_padded_ptr": "*i32", "xq_ptr": "*fp8e4nv", "x_scale_ptr": "*fp32",
+                "zero_ptr": "*bf16", "res_ptr": "*bf16", "norm_w_ptr": "*bf16", "xn_ptr": "*bf16",
+                "res_out_ptr": "*bf16"},
                dict(TOP_K=2, BLOCK_M=64, E_PAD=8, BLOCK_T=tokens, BLOCK_K=4096, **routing.align_blocks(8), ALIGN=align,
-                    QUANT=quant, INTERPRETED=False) | ({"T": 1} if tokens == 1 else {}),
+                    QUANT=quant, ZERO=align, NORM=align, INTERPRETED=False) | ({"T": 1} if tokens == 1 else {}),
                route_decode.decode_warps(8, 4096), 1)  # fmt: skip
     for out, amax in (("bf16", False), ("bf16", True)):
         yield (f"silu_mul/amax={amax}", activation._silu_mul_kernel,

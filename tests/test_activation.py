@@ -38,8 +38,10 @@ def test_quantize_rows_scales_each_row_to_the_e4m3_range(rows, cols):
 def test_both_fp8_silu_paths_match_silu_times_up(S, N, monkeypatch):
     h = torch.randn(S, 2 * N, device=DEVICE).bfloat16()
     ref = silu_mul_ref(h)
-    for min_rows in (10**9, 1):  # the 2-D grid with atomics, then the one-pass row kernel
+    # the 2-D grid with atomics, the one-pass row kernel for many rows, then for few
+    for min_rows, max_few in ((10**9, 0), (1, 0), (10**9, 10**9)):
         monkeypatch.setattr(act, "ROW_PASS_MIN_ROWS", min_rows)
+        monkeypatch.setattr(act, "ROW_PASS_MAX_FEW_ROWS", max_few)
         q, scale = act.silu_mul_fp8(h, alloc=poisoned)
         assert q.shape == (S, N) and scale.shape == (S,)
         assert rel_err(dequant(q, scale), ref) < 0.05

@@ -7,9 +7,18 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import pytest
 from conftest import DEVICE
 
+from moetune.kernels import activation, fused_moe
 from moetune.runtime import EngineConfig, LLMEngine
+
+
+@pytest.fixture(autouse=True)
+def restore_kernel_switches(monkeypatch):
+    """set_options writes module switches (KERNEL_SWITCHES); each test gets them back as they were."""
+    for module, attr in ((fused_moe, "FOLD_TOPK_SUM"), (fused_moe, "FOLD_NORM"), (activation, "ROW_PASS_MAX_FEW_ROWS")):
+        monkeypatch.setattr(module, attr, getattr(module, attr))
 
 
 def load_bench():
@@ -23,10 +32,11 @@ def load_bench():
 def test_fused_norm_and_rope_cut_launches_per_decode_step():
     bench = load_bench()
     eng = LLMEngine(EngineConfig(model="tiny", device=DEVICE, dtype="bf16", max_model_len=64, enforce_eager=True))
+    folds_off = {k: False for k in bench.KERNEL_SWITCHES}
     try:
-        bench.set_options(eng, fused=False, partition=128)
+        bench.set_options(eng, fused=False, partition=128, **folds_off)
         old = bench.count_launches(eng, 16)
-        bench.set_options(eng, fused=True, partition=0)
+        bench.set_options(eng, fused=True, partition=0, **folds_off)
         new = bench.count_launches(eng, 16)
     finally:
         eng.close()
@@ -40,12 +50,31 @@ def test_one_launch_router_cuts_two_launches_per_layer_with_fp8_experts():
     eng = LLMEngine(EngineConfig(model="tiny", device=DEVICE, dtype="fp8", max_model_len=64, enforce_eager=True))
     try:
         bench.count_launches(eng, 16)  # the first step also allocates the split-K counters, once
-        bench.set_options(eng, fused=True, partition=0, router=False)
+        folds_off = {k: False for k in bench.KERNEL_SWITCHES}
+        bench.set_options(eng, fused=True, partition=0, router=False, **folds_off)
         old = bench.count_launches(eng, 16)
-        bench.set_options(eng, fused=True, partition=0, router=True)
+        bench.set_options(eng, fused=True, partition=0, router=True, **folds_off)
         new = bench.count_launches(eng, 16)
     finally:
         eng.close()
     layers = eng.spec.num_layers
     assert old["total"] - new["total"] == 2 * layers, (old, new)  # the router linear and quantize_rows
     assert old["triton"] - new["triton"] == layers  # route_and_align + quantize_rows -> route_decode
+
+
+def test_decode_folds_cut_four_launches_per_layer_with_fp8_experts():
+    """Top-k sum into GEMM2 (-1), one-pass SiLU + quantise instead of zeroing, SiLU and quantise (-2), the
+    post-attention add + RMSNorm inside the router (-1)."""
+    bench = load_bench()
+    eng = LLMEngine(EngineConfig(model="tiny", device=DEVICE, dtype="fp8", max_model_len=64, enforce_eager=True))
+    try:
+        bench.count_launches(eng, 16)  # the first step also allocates the split-K counters, once
+        bench.set_options(eng, fused=True, partition=0, **{k: False for k in bench.KERNEL_SWITCHES})
+        old = bench.count_launches(eng, 16)
+        bench.set_options(eng, fused=True, partition=0)
+        new = bench.count_launches(eng, 16)
+    finally:
+        eng.close()
+    layers = eng.spec.num_layers
+    assert old["total"] - new["total"] == 4 * layers, (old, new)
+    assert old["torch_ops"] - new["torch_ops"] == layers  # the amax buffer's zeroing

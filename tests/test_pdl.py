@@ -42,7 +42,7 @@ from moetune.kernels.pdl import wait_previous
 KERNEL_MODULES = (activation, attention, linear_fp8, moe_gemm, moe_gemm_silu, moe_gemv, norm, rope, route_decode,
                   routing)  # fmt: skip
 # pointers a kernel may load before its wait: nothing in a decode step writes them
-WEIGHT_POINTERS = {"_add_rms_norm_kernel": {"w_ptr"}, "_route_decode_kernel": {"gate_ptr"}}
+WEIGHT_POINTERS = {"_add_rms_norm_kernel": {"w_ptr"}, "_route_decode_kernel": {"gate_ptr", "norm_w_ptr"}}
 
 
 def is_jit(obj) -> bool:
@@ -108,6 +108,7 @@ def launch_everything() -> None:
     routing.route_and_align(logits, 2, 16, parallel=True)
     fused_moe_routed(x, randn(E, K).bfloat16(), w13, w2, 2, cfg, s13, s2)
     activation.quantize_rows(x)
+    activation.silu_mul(randn(T, 2 * N).bfloat16(), torch.empty(T, N, dtype=torch.bfloat16, device=DEVICE))
     linear_fp8.linear_w8a16(x, *linear_fp8.quantize_per_channel(randn(16, K)))
     q, cache = randn(1, 4, 16), randn(4, 16, 2, 16)  # [B, H, D], [blocks, block_size, Hkv, D]
     ints = lambda *v: torch.tensor(v, dtype=torch.int32, device=DEVICE)  # noqa: E731

@@ -12,6 +12,7 @@ from test_fused_moe import TOL, config, poisoned_alloc
 from moetune.errors import MoetuneError
 from moetune.kernels import fused_moe as fm
 from moetune.kernels.activation import quantize_rows
+from moetune.kernels.norm import add_rms_norm
 from moetune.kernels.reference import moe_reference, rel_err
 from moetune.kernels.route_decode import ONE_LAUNCH_MAX_TOKENS, route_decode
 from moetune.kernels.routing import route_and_align
@@ -139,3 +140,54 @@ def test_route_decode_refuses_more_tokens_than_one_program_takes():
     x, gate = router_inputs(ONE_LAUNCH_MAX_TOKENS + 1, 8, 256, seed=0)
     with pytest.raises(MoetuneError, match="route_decode takes 1 to 16 tokens"):
         route_decode(x, gate, 2, 16)
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp8"])
+@pytest.mark.parametrize("T,top_k", [(1, 2), (5, 2), (16, 2), (3, 3)], ids=["T1", "T5", "T16", "T3-top3"])
+def test_top_k_sum_folded_into_gemm2_is_bitwise_the_separate_sum(monkeypatch, dtype, T, top_k):
+    """route_decode zeroes the output and GEMM2 adds each token's slots into it (top_k = 2 only: three
+    slots would round in the order the atomics land). Equal to the separate topk_sum, bit for bit."""
+    x, gate, w13, w2, scales = layer(T, E=8, N=64, K=256, dtype=dtype, seed=40 + T)
+    cfg = config(16, bn=64)
+    folded = fm.fused_moe_routed(x, gate, w13, w2, top_k, cfg, **scales)
+    monkeypatch.setattr(fm, "FOLD_TOPK_SUM", False)
+    separate = fm.fused_moe_routed(x, gate, w13, w2, top_k, cfg, **scales)
+    assert torch.equal(folded, separate)
+    err = rel_err(folded, moe_reference(x, F.linear(x, gate), w13, w2, top_k, **scales))
+    assert err < TOL[dtype], f"rel err {err:.3g} ({dtype}, T={T})"
+
+
+def test_route_decode_zeroes_the_buffer_it_is_given():
+    x, gate = router_inputs(3, 8, 256, seed=7)
+    zero = poisoned_alloc((3, 256), torch.bfloat16, DEVICE)
+    route_decode(x, gate, 2, 16, alloc=poisoned_alloc, zero=zero)
+    assert torch.equal(zero, torch.zeros_like(zero))
+    with pytest.raises(MoetuneError, match=r"zero buffer must be \[T=3, K=256\]"):
+        route_decode(x, gate, 2, 16, zero=zero[:, :128])
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp8"])
+@pytest.mark.parametrize("T", [1, 4, ONE_LAUNCH_MAX_TOKENS, ONE_LAUNCH_MAX_TOKENS + 1])
+def test_add_rms_norm_inside_the_router_is_the_norm_then_the_layer(dtype, T):
+    """fused_moe_normed: route_decode adds the residual and normalises (norm.py's rounding) before routing;
+    above 16 tokens add_rms_norm runs first. Same outputs and residual as the two steps apart."""
+    x, gate, w13, w2, scales = layer(T, E=8, N=64, K=256, dtype=dtype, seed=60 + T)
+    g = torch.Generator().manual_seed(T)
+    residual = torch.randn(T, 256, generator=g).to(x.dtype).to(DEVICE)
+    weight = (1 + torch.rand(256, generator=g)).to(x.dtype).to(DEVICE)
+    cfg = config(16, bn=64)
+    out, res = fm.fused_moe_normed(x, residual, weight, 1e-5, gate, w13, w2, 2, cfg, **scales)
+    xn, ref_res = add_rms_norm(x, weight, 1e-5, residual)
+    ref = fm.fused_moe_routed(xn, gate, w13, w2, 2, cfg, **scales)
+    assert torch.equal(res, ref_res)
+    if DEVICE == "cpu":  # one summation order; on a GPU the two kernels' norm reductions may round apart
+        assert torch.equal(out, ref)
+    logits = F.linear(xn, gate)
+    err = rel_err(out, moe_reference(xn, logits, w13, w2, 2, **scales))
+    assert err < TOL[dtype], f"rel err {err:.3g} ({dtype}, T={T})"
+
+
+def test_router_norm_with_mismatched_tensors_gets_a_clear_error():
+    x, gate, w13, w2, _ = layer(2, E=8, N=32, K=256, dtype="bf16", seed=0)
+    with pytest.raises(MoetuneError, match=r"residual must be \[2, 256\]"):
+        fm.fused_moe_normed(x, x[:1], x[0], 1e-5, gate, w13, w2, 2)

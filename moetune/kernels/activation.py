@@ -8,8 +8,10 @@
     topk_sum             y [T * top_k, K] -> out [T, K]              the sum over each token's experts
 
 Why two fp8 SiLU paths: a per-slot scale needs the whole row's max before any value is quantised. With
-many slots, one program per row holds the row in registers and makes one pass. With few slots (decode)
-that is one busy SM per slot, so the 2-D grid and a second small pass win.
+many slots, one program per row holds the row in registers and makes one pass. With a few dozen slots
+that is one busy SM per slot, so the 2-D grid and a second small pass win. With very few (batch-1
+decode: 2 slots) the 2-D path's three launches (zeroing amax, SiLU, quantise) cost more than two busy
+SMs: the one pass again, up to ROW_PASS_MAX_FEW_ROWS.
 Reference: torch expressions in tests/test_activation.py.
 """
 
@@ -26,6 +28,7 @@ from moetune.kernels.pdl import launch_kwargs, wait_previous
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite e4m3
 ROW_PASS_MIN_ROWS = 256  # from this many rows on, quantize_rows' one pass fills the GPU
+ROW_PASS_MAX_FEW_ROWS = 4  # up to this many rows, one launch beats three (benchmarks/NOTES.md)
 
 
 @triton.jit
@@ -150,7 +153,7 @@ def quantize_with_amax(v: Tensor, amax: Tensor, alloc=torch.empty) -> tuple[Tens
 def silu_mul_fp8(h: Tensor, alloc=torch.empty) -> tuple[Tensor, Tensor]:
     """h [S, 2N] -> e4m3 act [S, N] and its per-slot scale [S], by whichever path fills the GPU."""
     S, N = h.shape[0], h.shape[1] // 2
-    if S >= ROW_PASS_MIN_ROWS:
+    if S >= ROW_PASS_MIN_ROWS or S <= ROW_PASS_MAX_FEW_ROWS:
         return quantize_rows(h, alloc, silu=True)
     act = alloc((S, N), dtype=h.dtype, device=h.device)
     amax = torch.zeros(S, dtype=torch.float32, device=h.device)  # atomic_max needs a zero start

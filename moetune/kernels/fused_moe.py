@@ -10,13 +10,15 @@
       or, with the knob fuse_silu=1, GEMM1 writes act directly                          (moe_gemm_silu.py)
     GEMM2             (1 launch)  y[slot] = w_slot * act[slot] @ W2[e].T     [S, K]    (moe_gemm.py)
     topk_sum          (1 launch)  out[token] = sum_k y[token * top_k + k]    [T, K]    (activation.py)
+      or, through route_decode with top_k = 2, none: route_decode zeroes out and GEMM2 adds each slot's
+      row into its token's (16-bit atomics, FOLD_TOPK_SUM)
     or, with kernel="gemv", routing (either way) and the decode path of moe_gemv.py.
+fused_moe_normed adds the decoder layer's add + RMSNorm in front: inside route_decode at decode sizes.
 
-The sum over top_k stays its own launch: the GEMMs (which define what a tuned table means) write one
-row per slot, and the one consumer that could absorb the sum, the next layer's add + RMSNorm, would
-need the MoE output unsummed across the decoder layers and, with tensor parallelism, before the
-all-reduce (twice its bytes, rounded differently). It measured 6.0 µs a layer at batch 1 on an H100
-(2026-11-26, benchmarks/NOTES.md), more than the ~2 µs guessed: the next candidate for the decode step.
+Why the top-k sum folds only there: two bf16 adds onto a zero, y0 then y1 or y1 then y0, round once to
+the same value topk_sum gives (it adds in float32 and rounds once), so the fold is bitwise equal to the
+separate sum; with three or more slots the order of the atomics would change the rounding. The zeroing
+needs a launch of its own unless one already runs before GEMM2: route_decode, at decode sizes, is it.
 
 S = T * top_k slots. Both GEMMs share one config of vLLM's six knobs, because the sorted slot list is
 padded to one BLOCK_SIZE_M: that is what makes our tables loadable by vLLM and SGLang. Nothing here
@@ -39,12 +41,16 @@ from moetune.kernels.knobs import check_config
 from moetune.kernels.moe_gemm import FP8, moe_gemm
 from moetune.kernels.moe_gemm_silu import moe_gemm_silu
 from moetune.kernels.moe_gemv import fused_moe_gemv
-from moetune.kernels.route_decode import one_launch, route_decode
+from moetune.kernels.norm import add_rms_norm
+from moetune.kernels.route_decode import RouterNorm, one_launch, route_decode
 from moetune.kernels.routing import route_and_align
 from moetune.tables import default_config
 
 # Tests swap this for an allocator that fills buffers with garbage, to prove nothing unwritten is read.
 alloc = torch.empty
+# Switches for A/B runs (benchmarks/decode_step.py), both where route_decode routes (decode sizes):
+FOLD_TOPK_SUM = True  # GEMM2 sums each token's two slots (docstring)
+FOLD_NORM = True  # fused_moe_normed's add + RMSNorm inside route_decode
 
 
 def quantize_fp8_per_expert(w: Tensor) -> tuple[Tensor, Tensor]:
@@ -138,10 +144,41 @@ def fused_moe_routed(
     return _moe_layer(x, w13, w2, top_k, config, w13_scale, w2_scale, gate=gate)
 
 
+def fused_moe_normed(
+    x: Tensor,  # [T, K] bf16 / fp16: the attention output
+    residual: Tensor,  # [T, K] the residual stream before the MoE block
+    norm_weight: Tensor,  # [K] the post-attention RMSNorm's weight
+    eps: float,
+    gate: Tensor,
+    w13: Tensor,
+    w2: Tensor,
+    top_k: int,
+    config: Mapping[str, Any] | None = None,
+    w13_scale: Tensor | None = None,
+    w2_scale: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """(fused_moe_routed(RMSNorm(x + residual) * norm_weight, gate, ...), x + residual): the decoder layer's
+    add + RMSNorm and MoE block, same results as add_rms_norm then fused_moe_routed. At decode sizes the
+    add + RMSNorm runs inside route_decode's launch (RouterNorm), else add_rms_norm runs first."""
+    check_moe_inputs(x, None, w13, w2, top_k, w13_scale, w2_scale, gate=gate)
+    T, K = x.shape
+    if residual.shape != x.shape or residual.dtype != x.dtype or norm_weight.shape != (K,):
+        raise MoetuneError(f"residual must be {list(x.shape)} {x.dtype} like x and norm_weight [{K}]; got "
+                           f"{list(residual.shape)} {residual.dtype}, {list(norm_weight.shape)}")  # fmt: skip
+    if not FOLD_NORM or not one_launch(T, gate.shape[0], K):
+        xn, residual = add_rms_norm(x.contiguous(), norm_weight, eps, residual.contiguous())
+        return _moe_layer(xn, w13, w2, top_k, config, w13_scale, w2_scale, gate=gate), residual
+    x = x.contiguous()
+    norm = RouterNorm(residual.contiguous(), norm_weight, eps, alloc((T, K), dtype=x.dtype, device=x.device),
+                      alloc((T, K), dtype=x.dtype, device=x.device))  # fmt: skip
+    return _moe_layer(x, w13, w2, top_k, config, w13_scale, w2_scale, gate=gate, norm=norm), norm.residual_out
+
+
 def _moe_layer(x: Tensor, w13: Tensor, w2: Tensor, top_k: int, config: Mapping[str, Any] | None,
                w13_scale: Tensor | None, w2_scale: Tensor | None, logits: Tensor | None = None,
-               gate: Tensor | None = None) -> Tensor:  # fmt: skip
-    """Both entries' layer, inputs checked: routing from the logits or the gate, then the experts."""
+               gate: Tensor | None = None, norm: RouterNorm | None = None) -> Tensor:  # fmt: skip
+    """The entries' layer, inputs checked: routing from the logits or the gate (after the norm, if given,
+    which only route_decode takes), then the experts."""
     T, K = x.shape
     if T == 0:
         return x.new_empty((0, K))
@@ -149,20 +186,27 @@ def _moe_layer(x: Tensor, w13: Tensor, w2: Tensor, top_k: int, config: Mapping[s
     x = x.contiguous()
     gemv = config.get("kernel") == "gemv"
     quant = w13.dtype == FP8 and not gemv  # GEMV is w8a16: x stays 16-bit
-    routing, (a1, a1_scale) = _route(x, logits, gate, top_k, config["BLOCK_SIZE_M"], align=not gemv, quant=quant)
+    decode = gate is not None and one_launch(T, gate.shape[0], K)
+    fold_sum = decode and FOLD_TOPK_SUM and top_k == 2 and not gemv
+    out = alloc((T, K), dtype=x.dtype, device=x.device) if fold_sum else None  # [T, K], zeroed by route_decode
+    routing, (a1, a1_scale) = _route(x, logits, gate, top_k, config["BLOCK_SIZE_M"], align=not gemv, quant=quant,
+                                     decode=decode, zero=out, norm=norm)  # fmt: skip
+    x = norm.out if norm is not None else x  # the rows routed: GEMM1's (16-bit) or the GEMV's input
     if gemv:
         return fused_moe_gemv(x, *routing, w13, w2, top_k, config, w13_scale, w2_scale, alloc, interpreting())
-    return _tiled_experts(x, a1, a1_scale, routing, w13, w2, top_k, config, w13_scale, w2_scale)
+    return _tiled_experts(x, a1, a1_scale, routing, w13, w2, top_k, config, w13_scale, w2_scale, out)
 
 
 def _route(x: Tensor, logits: Tensor | None, gate: Tensor | None, top_k: int, block_m: int, align: bool,
-           quant: bool) -> tuple[tuple[Tensor, ...], tuple[Tensor, Tensor | None]]:  # fmt: skip
+           quant: bool, decode: bool, zero: Tensor | None,
+           norm: RouterNorm | None) -> tuple[tuple[Tensor, ...], tuple[Tensor, Tensor | None]]:  # fmt: skip
     """(routing as route_and_align returns it, GEMM1's input and its per-token scale): x in e4m3 with
-    quant, else (x, None). From the gate at decode sizes in one launch; else from the logits, computed
-    if only the gate was given."""
-    if gate is not None and one_launch(x.shape[0], gate.shape[0], x.shape[1]):
-        routing, quantised = route_decode(x, gate, top_k, block_m, alloc, align=align, quant=quant)
-        return routing, quantised or (x, None)
+    quant, else (x, None). From the gate at decode sizes in one launch, which also zeroes `zero` and
+    first normalises x (norm); else from the logits, computed if only the gate was given."""
+    if decode:
+        routing, quantised = route_decode(x, gate, top_k, block_m, alloc, align=align, quant=quant, zero=zero,
+                                          norm=norm)  # fmt: skip
+        return routing, quantised or (norm.out if norm is not None else x, None)
     if logits is None:
         logits = F.linear(x, gate)  # [T, E]
     routing = route_and_align(logits, top_k, block_m, alloc=alloc, align=align)
@@ -171,8 +215,9 @@ def _route(x: Tensor, logits: Tensor | None, gate: Tensor | None, top_k: int, bl
 
 def _tiled_experts(x: Tensor, a1: Tensor, a1_scale: Tensor | None, routing: tuple[Tensor, ...], w13: Tensor,
                    w2: Tensor, top_k: int, config: dict[str, Any], w13_scale: Tensor | None,
-                   w2_scale: Tensor | None) -> Tensor:  # fmt: skip
-    """GEMM1 -> SiLU x up -> GEMM2 over the aligned slots, then the sum over top_k. Returns [T, K] in x.dtype."""
+                   w2_scale: Tensor | None, out: Tensor | None) -> Tensor:  # fmt: skip
+    """GEMM1 -> SiLU x up -> GEMM2 over the aligned slots, then the sum over top_k: into `out` by GEMM2
+    itself when given (zeroed), else by topk_sum. Returns [T, K] in x.dtype."""
     topk_weights, _, *aligned = routing  # aligned: sorted_ids, expert_ids, num_padded
     (T, K), N = x.shape, w2.shape[2]
     S, dev, use_fp8 = T * top_k, x.device, w13.dtype == FP8
@@ -191,6 +236,10 @@ def _tiled_experts(x: Tensor, a1: Tensor, a1_scale: Tensor | None, routing: tupl
             act, act_scale = alloc((S, N), dtype=x.dtype, device=dev), None
             silu_mul(h, act)
 
+    if out is not None:  # out[token] += each of its slots' rows
+        moe_gemm(act, w2, out, act_scale, w2_scale, topk_weights, *aligned, a_row_div=1, mul_routed_weight=True,
+                 config=config, c_row_div=top_k)  # fmt: skip
+        return out
     y = alloc((S, K), dtype=x.dtype, device=dev)  # [S, K], each slot already weighted
     moe_gemm(act, w2, y, act_scale, w2_scale, topk_weights, *aligned, a_row_div=1, mul_routed_weight=True,
              config=config)  # fmt: skip

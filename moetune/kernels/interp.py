@@ -28,3 +28,15 @@ def downcast(x, dtype: tl.constexpr, INTERPRETED: tl.constexpr):
             sub = ((tl.abs(x) * 512.0 + 8388608.0) - 8388608.0) / 512.0  # subnormal grid is 2^-9
             x = tl.where(tl.abs(x) >= 0.015625, normal, tl.where(x < 0, -sub, sub))
     return x.to(dtype)
+
+
+@triton.jit
+def add_into(ptrs, val, mask, INTERPRETED: tl.constexpr):
+    """*ptrs += val, atomically, in the pointers' 16-bit dtype (val already rounded to it): the hardware
+    adds exactly and rounds once to nearest even. The interpreter has no 16-bit atomics; it runs one
+    program at a time, so there a load, an fp32 add and a rounded store do the same."""
+    if INTERPRETED:
+        cur = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(ptrs, downcast(cur + val.to(tl.float32), ptrs.dtype.element_ty, INTERPRETED), mask=mask)
+    else:
+        tl.atomic_add(ptrs, val, mask=mask, sem="relaxed")

@@ -4,6 +4,8 @@ Both GEMMs of the layer run this kernel with one config (vLLM's structure, so th
 tables mean the same to vLLM's kernel):
     GEMM1  h[slot]  = x[slot // top_k] @ W13[e].T              [S, 2N]
     GEMM2  y[slot]  = w_slot * act[slot] @ W2[e].T             [S, K]
+      or   out[slot // top_k] += w_slot * act[slot] @ W2[e].T  [T, K]   (C_ROW_DIV = top_k: the top-k sum
+           folded in, for decode; out zeroed before, 16-bit atomic adds, see fused_moe.py)
 fp8 (w8a8): A is e4m3 with one scale per A row (per token for x, per slot for act), W is e4m3 with one
 scale per expert; both are applied once after the K loop.
 
@@ -20,7 +22,7 @@ import triton.language as tl
 from torch import Tensor
 
 from moetune.kernels.activation import FP8
-from moetune.kernels.interp import downcast, interpreting
+from moetune.kernels.interp import add_into, downcast, interpreting
 from moetune.kernels.pdl import launch_kwargs, wait_previous
 
 
@@ -95,6 +97,7 @@ def _moe_gemm_kernel(
     BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr,
     GROUP_SIZE_M: tl.constexpr,
     A_ROW_DIV: tl.constexpr,  # GEMM1 reads token = slot // top_k; GEMM2 reads its own slot row (1)
+    C_ROW_DIV: tl.constexpr,  # 1: C[slot] = ...; top_k: C[slot // top_k] += ... (C zeroed before)
     MUL_ROUTED_WEIGHT: tl.constexpr, USE_FP8: tl.constexpr, EVEN_K: tl.constexpr, INDEX_64: tl.constexpr,
     INTERPRETED: tl.constexpr, UPCAST_DOT: tl.constexpr, USE_PDL: tl.constexpr,
 ):
@@ -119,8 +122,12 @@ def _moe_gemm_kernel(
         acc = acc * tl.load(a_scale_ptr + a_rows, mask=slot_ok, other=0.0)[:, None] * tl.load(b_scale_ptr + expert)
     if MUL_ROUTED_WEIGHT:
         acc = acc * tl.load(topk_weights_ptr + slots, mask=slot_ok, other=0.0)[:, None]
-    c_ptrs = c_ptr + slots[:, None] * stride_cm + offs_n[None, :] * stride_cn
-    tl.store(c_ptrs, downcast(acc, c_ptr.dtype.element_ty, INTERPRETED), mask=slot_ok[:, None] & (offs_n[None, :] < N))
+    c_ptrs = c_ptr + (slots // C_ROW_DIV)[:, None] * stride_cm + offs_n[None, :] * stride_cn
+    c_mask = slot_ok[:, None] & (offs_n[None, :] < N)
+    if C_ROW_DIV == 1:
+        tl.store(c_ptrs, downcast(acc, c_ptr.dtype.element_ty, INTERPRETED), mask=c_mask)
+    else:  # each slot rounded as the stored y would be, then summed: topk_sum's result for top_k = 2
+        add_into(c_ptrs, downcast(acc, c_ptr.dtype.element_ty, INTERPRETED), c_mask, INTERPRETED)
 
 
 def dot_flags(a: Tensor, c: Tensor, block_k: int) -> dict[str, bool]:
@@ -134,9 +141,10 @@ def dot_flags(a: Tensor, c: Tensor, block_k: int) -> dict[str, bool]:
 def moe_gemm(
     a: Tensor, w: Tensor, c: Tensor, a_scale: Tensor | None, w_scale: Tensor | None, topk_weights: Tensor,
     sorted_ids: Tensor, expert_ids: Tensor, num_padded: Tensor, a_row_div: int, mul_routed_weight: bool,
-    config: Mapping[str, int],
+    config: Mapping[str, int], c_row_div: int = 1,
 ) -> None:
-    """One expert GEMM into c. a_scale: [rows of a] fp32 when w is fp8."""
+    """One expert GEMM into c. a_scale: [rows of a] fp32 when w is fp8. c_row_div > 1 adds each slot's row
+    into c[slot // c_row_div] (16-bit c, zeroed by the caller)."""
     E, N, K = w.shape
     bm, bn, bk = config["BLOCK_SIZE_M"], config["BLOCK_SIZE_N"], config["BLOCK_SIZE_K"]
     EM = sorted_ids.shape[0]
@@ -147,7 +155,7 @@ def moe_gemm(
         N, K, EM, topk_weights.numel(),
         a.stride(0), a.stride(1), w.stride(0), w.stride(1), w.stride(2), c.stride(0), c.stride(1),
         BLOCK_SIZE_M=bm, BLOCK_SIZE_N=bn, BLOCK_SIZE_K=bk, GROUP_SIZE_M=config["GROUP_SIZE_M"],
-        A_ROW_DIV=a_row_div, MUL_ROUTED_WEIGHT=mul_routed_weight, USE_FP8=use_fp8,
+        A_ROW_DIV=a_row_div, C_ROW_DIV=c_row_div, MUL_ROUTED_WEIGHT=mul_routed_weight, USE_FP8=use_fp8,
         num_warps=config["num_warps"], num_stages=config["num_stages"], **dot_flags(a, c, bk),
         **launch_kwargs(a.device),
     )  # fmt: skip

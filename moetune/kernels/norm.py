@@ -22,6 +22,15 @@ from moetune.kernels.pdl import launch_kwargs, wait_previous
 
 
 @triton.jit
+def rms_norm_row(x, w, H, eps, dtype: tl.constexpr, INTERPRETED: tl.constexpr):
+    """One row: x [BLOCK] fp32 (0 in masked lanes), w [BLOCK] fp32 the weight -> RMSNorm(x) * w in dtype,
+    rounded as HF rounds. Shared with route_decode.py, which normalises the rows it routes."""
+    var = tl.sum(x * x, axis=0) / H
+    y = downcast(x * (1.0 / tl.sqrt(var + eps)), dtype, INTERPRETED).to(tl.float32)
+    return downcast(w * y, dtype, INTERPRETED)
+
+
+@triton.jit
 def _add_rms_norm_kernel(
     x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, H, eps,
     stride_x, stride_r, stride_o, stride_ro,
@@ -39,9 +48,7 @@ def _add_rms_norm_kernel(
         x = downcast(x, dtype, INTERPRETED)  # the new residual stream, in the activation dtype
         tl.store(res_out_ptr + row * stride_ro + cols, x, mask=mask)
         x = x.to(tl.float32)
-    var = tl.sum(x * x, axis=0) / H
-    y = downcast(x * (1.0 / tl.sqrt(var + eps)), dtype, INTERPRETED).to(tl.float32)
-    tl.store(out_ptr + row * stride_o + cols, downcast(w * y, dtype, INTERPRETED), mask=mask)
+    tl.store(out_ptr + row * stride_o + cols, rms_norm_row(x, w, H, eps, dtype, INTERPRETED), mask=mask)
 
 
 def add_rms_norm(x: Tensor, weight: Tensor, eps: float, residual: Tensor | None = None) -> tuple[Tensor, Tensor]:

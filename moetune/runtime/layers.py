@@ -242,13 +242,14 @@ class Build:
     #                            sizes (kernels/route_decode.py); else F.linear, then fused_moe from the logits
 
 
-def _fused_moe() -> tuple[Callable[..., Tensor], Callable[..., Tensor]]:
-    """fused_moe (from router logits) and fused_moe_routed (from the router weight)."""
+def _fused_moe() -> tuple[Callable[..., Tensor], Callable[..., Tensor], Callable[..., tuple[Tensor, Tensor]]]:
+    """fused_moe (from router logits), fused_moe_routed (from the router weight), fused_moe_normed (from the
+    router weight, the add + RMSNorm before it included)."""
     try:
-        from moetune.kernels.fused_moe import fused_moe, fused_moe_routed
+        from moetune.kernels.fused_moe import fused_moe, fused_moe_normed, fused_moe_routed
     except ImportError as e:
         raise MoetuneError(f"moe_backend 'triton' needs moetune.kernels.fused_moe ({e}); use 'torch'") from None
-    return fused_moe, fused_moe_routed
+    return fused_moe, fused_moe_routed, fused_moe_normed
 
 
 class SparseMoeBlock(nn.Module):
@@ -268,7 +269,8 @@ class SparseMoeBlock(nn.Module):
         self.w13_scale = new_param((E,), torch.float32, device) if self.fp8 else None
         self.w2_scale = new_param((E,), torch.float32, device) if self.fp8 else None
         self._staged: dict[int, tuple[Tensor, set[str]]] = {}  # fp8: w1/w3 of an expert until both arrive
-        self.fused_moe, self.fused_moe_routed = _fused_moe() if self.backend == "triton" else (None, None)
+        self.fused_moe, self.fused_moe_routed, self.fused_moe_normed = (
+            _fused_moe() if self.backend == "triton" else (None, None, None))
         self.fused_router = build.fused_router  # per layer, so a benchmark can flip it on a built model
 
     def _load_expert(self, param: nn.Parameter, loaded: Tensor, shard_id: tuple[str, int]) -> None:
@@ -294,6 +296,18 @@ class SparseMoeBlock(nn.Module):
         if len(seen) == 2:
             self.w13.data[e], self.w13_scale.data[e] = quantize_fp8(buf)
             del self._staged[e]
+
+    def forward_normed(self, x: Tensor, residual: Tensor, norm: RMSNorm) -> tuple[Tensor, Tensor]:
+        """(self(norm(x, residual)[0]), x + residual): the decoder layer's post-attention add + RMSNorm, then
+        this block. With the Triton norm and router, the norm runs inside the router's launch at decode sizes
+        (fused_moe_normed); otherwise the norm, then forward."""
+        if self.backend != "triton" or not self.fused_router or norm.norm is not add_rms_norm:
+            x, residual = norm(x, residual)
+            return self(x), residual
+        config = self.tables.active.pick(x.shape[0])
+        out, residual = self.fused_moe_normed(x, residual, norm.weight, norm.eps, self.gate, self.w13, self.w2,
+                                              self.top_k, config, self.w13_scale, self.w2_scale)  # fmt: skip
+        return all_reduce(out), residual
 
     def forward(self, x: Tensor) -> Tensor:  # [T, H]
         experts = (self.w13, self.w2, self.top_k)

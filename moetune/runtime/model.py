@@ -37,8 +37,7 @@ class DecoderLayer(nn.Module):
         else:
             x, residual = self.input_layernorm(x, residual)
         x = self.self_attn(positions, x)
-        x, residual = self.post_attention_layernorm(x, residual)
-        return self.block_sparse_moe(x), residual
+        return self.block_sparse_moe.forward_normed(x, residual, self.post_attention_layernorm)
 
 
 class MixtralModel(nn.Module):
