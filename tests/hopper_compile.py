@@ -13,7 +13,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 assert os.environ.get("TRITON_INTERPRET", "0") != "1", "unset TRITON_INTERPRET: compiling needs real kernels"
 
@@ -43,7 +46,12 @@ MIXTRAL_INTS = dict(N=14336, K=4096, stride_am=4096, stride_ak=1, stride_be=2867
                     stride_bk=1, stride_cm=28672, stride_cn=1, stride_om=14336, stride_on=1, stride_h=28672, stride_out=14336,
                     stride_in=28672, K_SPLIT=1024,
                     stride_xt=4096, stride_we=28672 * 4096, stride_wn=4096, stride_wk=14336, stride_ot=4096,
-                    stride_ge=4096, stride_qt=4096)  # fmt: skip
+                    stride_ge=4096, stride_qt=4096,
+                    # decode attention at batch 1, max_model_len 4096, KV blocks of 16, split-KV partitions of 32:
+                    # q and out [B, 32, 128] (q a view of qkv), caches [blocks, 16, 8, 128] (also rope's stride_ch), P=128
+                    stride_qb=6144, stride_qh=128, stride_ob=4096, stride_oh=128, stride_cb=16384, stride_ct=1024,
+                    stride_ch=128, stride_tb=256, stride_mb=4096, stride_mh=128, stride_ab=32 * 128 * 128,
+                    stride_ah=128 * 128, stride_ap=128)  # fmt: skip
 
 
 def compile_for_hopper(kernel, types: dict[str, str], constexprs: dict, num_warps: int = 4, num_stages: int = 3,
@@ -76,6 +84,20 @@ def pdl_facts(ptx: str) -> dict:
     before = [m.group(1) for m in GLOBAL_ACCESS.finditer(ptx[: max(wait, 0)])]
     return dict(gdc_wait=wait >= 0, gdc_launch="griddepcontrol.launch_dependents" in ptx, before_wait=before,
                 global_loads=ptx.count("ld.global"))
+
+
+def resources(cubin: bytes) -> dict:
+    """Registers a thread and stack bytes (ptxas spills to the stack) of the compiled kernel, as
+    cuobjdump reads them from the cubin; {} where the Triton wheel carries no cuobjdump."""
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if not tool.exists():
+        return {}
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        usage = subprocess.run([str(tool), "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    found = re.search(r"REG:(\d+) STACK:(\d+)", usage)
+    return dict(regs=int(found.group(1)), stack=int(found.group(2))) if found else {}
 
 
 def gemm_variants():
@@ -148,13 +170,13 @@ def other_variants():
                {"act_ptr": "*fp32", "w_ptr": f"*{w}", "w_scale_ptr": "*fp32", "ids_ptr": "*i32",
                 "topk_weights_ptr": "*fp32", "out_ptr": "*bf16"},
                dict(TOP_K=2, BLOCK_N=16, BLOCK_K=256, USE_FP8=fp8, INTERPRETED=False), 4, 2)  # fmt: skip
-    yield ("decode_attention/partition", attention._decode_partition_kernel,
-           {"q_ptr": "*bf16", "k_cache_ptr": "*bf16", "v_cache_ptr": "*bf16", "block_tables_ptr": "*i32",
-            "context_lens_ptr": "*i32", "m_ptr": "*fp32", "l_ptr": "*fp32", "acc_ptr": "*fp32", "scale": "fp32"},
-           dict(GROUP=4, GROUP_PAD=4, HEAD_DIM=128, BLOCK_D=128, BLOCK_SIZE=16, PARTITION=32, TILE=32), 4, 2)  # fmt: skip
-    yield ("decode_attention/merge", attention._decode_merge_kernel,
-           {"out_ptr": "*bf16", "m_ptr": "*fp32", "l_ptr": "*fp32", "acc_ptr": "*fp32", "context_lens_ptr": "*i32"},
-           dict(HEAD_DIM=128, BLOCK_D=128, PARTITION=32, P_PAD=128), 4, 1)  # fmt: skip
+    for part, tile in ((32, 32), (256, 64)):  # batch 1 (auto_partition_tokens), big batches
+        yield (f"decode_attention/partition={part}", attention._decode_partition_kernel,
+               {"q_ptr": "*bf16", "k_cache_ptr": "*bf16", "v_cache_ptr": "*bf16", "block_tables_ptr": "*i32",
+                "context_lens_ptr": "*i32", "out_ptr": "*bf16", "m_ptr": "*fp32", "l_ptr": "*fp32", "acc_ptr": "*fp32",
+                "count_ptr": "*i32", "scale": "fp32"},
+               dict(GROUP=4, GROUP_PAD=4, HEAD_DIM=128, BLOCK_D=128, BLOCK_SIZE=16, PARTITION=part, TILE=tile,
+                    MERGE_CHUNK=16), 4, 2)  # fmt: skip
     for dtype in ("bf16", "fp16"):
         yield (f"add_rms_norm/{dtype}", norm._add_rms_norm_kernel,
                {"x_ptr": f"*{dtype}", "res_ptr": f"*{dtype}", "w_ptr": f"*{dtype}", "out_ptr": f"*{dtype}",
@@ -188,7 +210,8 @@ def main() -> None:
                 ptx = k.asm["ptx"]
                 row = dict(name=full, ok=True, shared=k.metadata.shared, wgmma="wgmma" in ptx,
                            cp_async="cp.async" in ptx, stages=stages, launch_pdl=k.metadata.launch_pdl,
-                           **pdl_facts(ptx))  # fmt: skip
+                           acq_rel="atom.global.gpu.acq_rel" in ptx, cg_loads=ptx.count("ld.global.cg"),
+                           **pdl_facts(ptx), **resources(k.asm["cubin"]))  # fmt: skip
             except Exception as e:  # reported, not raised: the test names every kernel that fails
                 row = dict(name=full, ok=False, error=f"{type(e).__name__}: {str(e)[:300]}")
             print(json.dumps(row), flush=True)

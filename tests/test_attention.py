@@ -7,6 +7,7 @@ import pytest
 import torch
 from conftest import DEVICE
 
+from moetune.kernels import attention, splitk
 from moetune.kernels.attention import auto_partition_tokens, paged_decode_attention, paged_decode_attention_reference
 
 
@@ -82,3 +83,89 @@ def test_auto_partition_splits_small_batches_finely():
     assert [auto_partition_tokens(b, 8) for b in (1, 2, 4, 8, 16, 32, 64)] == sorted(
         auto_partition_tokens(b, 8) for b in (1, 2, 4, 8, 16, 32, 64)
     )
+
+
+# ------------------------------------------------------- one launch: partials merged by the last partition to arrive
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    """torch.empty / empty_like fill with NaN: the output and the partials hold garbage until the kernel writes them."""
+    real = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *a, **kw: real(*a, **kw).fill_(float("nan")))
+    monkeypatch.setattr(torch, "empty_like",
+                        lambda t, **kw: real(t.shape, dtype=t.dtype, device=t.device).fill_(float("nan")))
+
+
+def _rel_err(out, q, k, v, tables, ctx) -> float:
+    """||out - ref|| / ||ref|| against the reference on float32 inputs (float64 norms)."""
+    ref = paged_decode_attention_reference(q.float(), k.float(), v.float(), tables, ctx).double()
+    return ((out.double() - ref).norm() / ref.norm()).item()
+
+
+def _launches(monkeypatch) -> list[str]:
+    """Names of the Triton kernels launched from now on (interpreted or compiled)."""
+    import triton
+    import triton.runtime.interpreter
+
+    launched = []
+    jit = triton.runtime.interpreter.InterpretedFunction if DEVICE == "cpu" else triton.runtime.jit.JITFunction
+    real = jit.run
+
+    def record(self, *args, **kwargs):
+        launched.append(self.fn.__name__)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(jit, "run", record)
+    return launched
+
+
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}  # relative Frobenius error vs float32
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(("lens", "partition"), [
+    ([37], 1 << 20),  # one partition: the program writes the output itself, no counter
+    ([20], 32),  # one partition of a split grid (P=2: the other program has no tokens)
+    ([1000], 16),  # 63 partitions, the last one partial
+    ([64], 16),  # 4 full partitions
+    ([5, 0, 200, 33, 1], 32),  # a batch: 1 to 7 partitions, a padding row, a partial last partition
+])  # fmt: skip
+def test_one_launch_matches_float32_reference(dtype, lens, partition, poisoned, monkeypatch):
+    q, k, v, tables, ctx = _case(B=len(lens), H=8, Hkv=2, D=32, block_size=16, context_lens=lens, dtype=dtype,
+                                 seed=sum(lens) + partition)  # fmt: skip
+    launched = _launches(monkeypatch)
+    out = paged_decode_attention(q, k, v, tables, ctx, partition_tokens=partition)
+    assert launched == ["_decode_partition_kernel"]  # the merge is in the same launch
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    assert _rel_err(out, q, k, v, tables, ctx) < TOL[dtype]
+    assert not splitk.tile_counters(q.device, 1).any()  # every last arrival reset its counter
+
+
+@pytest.mark.parametrize("merge_tile", [0, 1])  # the default merge chunk; 1: one partition per merge iteration
+@pytest.mark.parametrize(("H", "Hkv", "D", "block_size"), [(6, 2, 24, 8), (5, 1, 40, 4), (12, 4, 80, 32)])
+def test_odd_shapes_and_merges_over_several_chunks(H, Hkv, D, block_size, merge_tile, poisoned, monkeypatch):
+    """GROUP 3 and 5 (padded to 4 and 8 heads), head dims 24/40/80 (padded to 32/64/128); merge_tile=1 makes
+    the last arrival merge one partition an iteration, rescaling online across iterations."""
+    if merge_tile:
+        monkeypatch.setattr(attention, "MAX_MERGE_TILE", 1)
+    lens = [3, 130, 71]
+    q, k, v, tables, ctx = _case(B=3, H=H, Hkv=Hkv, D=D, block_size=block_size, context_lens=lens,
+                                 dtype=torch.float32, seed=D)  # fmt: skip
+    out = paged_decode_attention(q, k, v, tables, ctx, partition_tokens=16)
+    assert _rel_err(out, q, k, v, tables, ctx) < TOL[torch.float32]
+
+
+def test_twice_in_a_row_the_counters_have_reset():
+    """The last arrival zeroes its counter, so a second launch (same inputs, or another batch with other
+    lengths) merges correctly with no reset launch between, and the same inputs give the same bits."""
+    q, k, v, tables, ctx = _case(B=3, H=8, Hkv=2, D=32, block_size=16, context_lens=[100, 17, 250],
+                                 dtype=torch.bfloat16)  # fmt: skip
+    first = paged_decode_attention(q, k, v, tables, ctx, partition_tokens=32)
+    counters = splitk.tile_counters(q.device, 1)
+    assert not counters.any()
+    assert torch.equal(paged_decode_attention(q, k, v, tables, ctx, partition_tokens=32), first)
+    other = _case(B=2, H=8, Hkv=2, D=32, block_size=16, context_lens=[300, 64], dtype=torch.bfloat16, seed=1)
+    assert _rel_err(paged_decode_attention(*other, partition_tokens=32), *other) < TOL[torch.bfloat16]
+    assert torch.equal(paged_decode_attention(q, k, v, tables, ctx, partition_tokens=32), first)
+    assert not counters.any()

@@ -58,6 +58,22 @@ def test_w8a16_weight_loads_are_software_pipelined_with_and_without_split_k(comp
         assert r["cp_async"] and r["shared"] >= (r["stages"] - 1) * bk * bn, f"{name}: weight loads not multi-buffered"
 
 
+def test_arrival_counters_release_and_acquire_and_the_last_program_reads_l2(compiled):
+    """Split-K linears and split-KV attention reduce in the launch (moetune/kernels/splitk.py): an acq_rel
+    atomic on the counter, then the partials loaded past L1 (.cg)."""
+    for name in ("linear_w8a16/split-K", "decode_attention/partition=32", "decode_attention/partition=256"):
+        for r in (compiled[name], compiled[name + "/pdl"]):
+            assert r["acq_rel"] and r["cg_loads"] > 0, r
+
+
+def test_decode_attention_at_batch_1_does_not_spill(compiled):
+    """Its K/V loop already holds ~255 registers a thread; the merge after it must not push any to the stack.
+    (Big batches' 64-token tiles do spill: a known cost, not this test's.)"""
+    for name in ("decode_attention/partition=32", "decode_attention/partition=32/pdl"):
+        if "stack" in compiled[name]:  # cuobjdump came with Triton
+            assert compiled[name]["stack"] == 0, compiled[name]
+
+
 def test_pdl_variants_wait_before_any_global_access_and_keep_the_pipeline(compiled):
     """USE_PDL=True: griddepcontrol.wait, then launch_dependents; no global load, store or atomic laid out
     before the wait but the fused norm's weight row and the decode router's weight (loaded before it on purpose, moetune/kernels/pdl.py);

@@ -14,8 +14,15 @@ sequence's used blocks once, at full bandwidth:
 * scores are `sum(q * k)` over the head dimension in float32 rather than `tl.dot`: a decode tile has only
   GROUP (4) rows, below tl.dot's minimum of 16, and the elementwise form also runs correctly under
   Triton's CPU interpreter;
-* each partition writes its running max, softmax denominator and unnormalised output; a second kernel
-  merges the partitions. Grid sizes depend only on tensor shapes, so the pair is CUDA-graph capturable.
+* one launch a layer, merge included. A sequence whose context fits one partition is done by that program
+  alone (output = acc / denominator). Otherwise each partition writes its running max, softmax denominator
+  and unnormalised output (float32), then counts itself in on its (sequence, KV head)'s arrival counter; the
+  last of the sequence's partitions to arrive merges them all (for its GROUP heads), writes the output and
+  resets the counter to zero. That is splitk.py's pattern and ordering (CTA barrier, acq_rel atomic, .cg
+  loads), on its shared counter buffer. Why: the merge was a second kernel of ~2 µs a layer at batch 1,
+  most of it the launch boundary (the first grid's tail, the second's ramp-up), not its few KB of loads.
+  Programs past a sequence's context do nothing, so a short sequence in a long batch costs no partials.
+  Grid sizes depend only on tensor shapes and no counter needs a reset launch: CUDA-graph capturable.
 """
 
 from __future__ import annotations
@@ -27,59 +34,22 @@ from torch import Tensor
 
 from moetune.kernels.interp import interpreting
 from moetune.kernels.pdl import launch_kwargs, wait_previous
+from moetune.kernels.splitk import count_arrival, tile_counters
 
 MAX_TILE = 64  # context tokens one loop iteration reads
+MAX_MERGE_TILE = 8192  # float32 partials one merge iteration loads ([GROUP, chunk, D]): a 64 x 128 K tile's worth
 # triton.jit decides at definition time whether kernels run on the GPU or in the CPU interpreter
 INTERPRETED = interpreting()
 
 
 @triton.jit
-def _decode_partition_kernel(
-    q_ptr,
-    k_cache_ptr,
-    v_cache_ptr,
-    block_tables_ptr,
-    context_lens_ptr,
-    m_ptr,
-    l_ptr,
-    acc_ptr,
-    scale,
-    stride_qb,
-    stride_qh,  # q [B, H, D]
-    stride_cb,
-    stride_ct,
-    stride_ch,  # caches [num_blocks, BLOCK_SIZE, Hkv, D]
-    stride_tb,  # block_tables [B, max_blocks]
-    stride_mb,
-    stride_mh,  # m, l [B, H, P]
-    stride_ab,
-    stride_ah,
-    stride_ap,  # acc [B, H, P, D]
-    GROUP: tl.constexpr,
-    GROUP_PAD: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr,
-    PARTITION: tl.constexpr,
-    TILE: tl.constexpr,
-    USE_PDL: tl.constexpr,
-):
-    b = tl.program_id(0)
-    kv_head = tl.program_id(1)
-    part = tl.program_id(2)
-    g = tl.arange(0, GROUP_PAD)
+def _attend(q, k_cache_ptr, v_cache_ptr, block_tables_ptr, b, kv_head, first, last, stride_cb, stride_ct,
+            stride_ch, stride_tb, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+            BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr):  # fmt: skip
+    """Online softmax of the scaled q [G, D] over context tokens [first, last) of sequence b: returns the
+    running max [G], the softmax denominator [G] and the unnormalised output [G, D], all float32."""
     d = tl.arange(0, BLOCK_D)
     t = tl.arange(0, TILE)
-    heads = kv_head * GROUP + g
-    gd_mask = (g[:, None] < GROUP) & (d[None, :] < HEAD_DIM)
-    wait_previous(USE_PDL)  # q and this step's K/V come from the RoPE + cache-write kernel
-    ctx = tl.load(context_lens_ptr + b)
-    first = part * PARTITION
-    last = tl.minimum(first + PARTITION, ctx)  # empty range past the context
-
-    q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :], mask=gd_mask, other=0.0)
-    q = q.to(tl.float32) * scale  # [G, D]
-
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, BLOCK_D], tl.float32)
@@ -100,51 +70,108 @@ def _decode_partition_kernel(
         acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)  # [G, D]
         l_i = l_i * alpha + tl.sum(p, axis=1)
         m_i = m_new
-
-    g_mask = g < GROUP
-    tl.store(m_ptr + b * stride_mb + heads * stride_mh + part, m_i, mask=g_mask)
-    tl.store(l_ptr + b * stride_mb + heads * stride_mh + part, l_i, mask=g_mask)
-    out = acc_ptr + b * stride_ab + heads[:, None] * stride_ah + part * stride_ap + d[None, :]
-    tl.store(out, acc, mask=gd_mask)
+    return m_i, l_i, acc
 
 
 @triton.jit
-def _decode_merge_kernel(
+def _merge(m_ptrs, l_ptrs, acc_ptrs, num_parts, stride_ap, g_mask, d_mask, GROUP_PAD: tl.constexpr,
+           BLOCK_D: tl.constexpr, CHUNK: tl.constexpr):  # fmt: skip
+    """The last arrival: the output [G, D] of the num_parts partials that m_ptrs, l_ptrs [G] and acc_ptrs
+    [G, D] point at (partition 0's). Flash-decoding's softmax-weighted merge, CHUNK partitions at a time
+    (rescaled online as in _attend; with one chunk it is the plain formula). Loads go to L2 (.cg), where
+    the other programs' partials are (splitk.py)."""
+    c = tl.arange(0, CHUNK)
+    m_run = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    l_run = tl.zeros([GROUP_PAD], tl.float32)
+    o_run = tl.zeros([GROUP_PAD, BLOCK_D], tl.float32)
+    for p0 in range(0, num_parts, CHUNK):
+        p = p0 + c  # [C]
+        ok = g_mask[:, None] & (p < num_parts)[None, :]  # [G, C]
+        m = tl.load(m_ptrs[:, None] + p[None, :], mask=ok, other=float("-inf"), cache_modifier=".cg")  # [G, C]
+        denom = tl.load(l_ptrs[:, None] + p[None, :], mask=ok, other=0.0, cache_modifier=".cg")  # [G, C]
+        a_ptrs = acc_ptrs[:, None, :] + p[None, :, None] * stride_ap
+        a = tl.load(a_ptrs, mask=ok[:, :, None] & d_mask[None, None, :], other=0.0, cache_modifier=".cg")  # [G, C, D]
+        m_new = tl.maximum(tl.maximum(m_run, tl.max(m, axis=1)), -1e30)  # padding heads have no finite max
+        alpha = tl.exp(m_run - m_new)
+        w = tl.exp(m - m_new[:, None])  # [G, C]; 0 past num_parts
+        l_run = l_run * alpha + tl.sum(w * denom, axis=1)
+        o_run = o_run * alpha[:, None] + tl.sum(w[:, :, None] * a, axis=1)  # [G, D]
+        m_run = m_new
+    return o_run / tl.maximum(l_run, 1e-30)[:, None]
+
+
+@triton.jit
+def _decode_partition_kernel(
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    block_tables_ptr,
+    context_lens_ptr,
     out_ptr,
     m_ptr,
     l_ptr,
     acc_ptr,
-    context_lens_ptr,
+    count_ptr,
+    scale,
+    stride_qb,
+    stride_qh,  # q [B, H, D]
     stride_ob,
-    stride_oh,
+    stride_oh,  # out [B, H, D]
+    stride_cb,
+    stride_ct,
+    stride_ch,  # caches [num_blocks, BLOCK_SIZE, Hkv, D]
+    stride_tb,  # block_tables [B, max_blocks]
     stride_mb,
-    stride_mh,
+    stride_mh,  # m, l [B, H, P]
     stride_ab,
     stride_ah,
-    stride_ap,
+    stride_ap,  # acc [B, H, P, D]
+    GROUP: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
     PARTITION: tl.constexpr,
-    P_PAD: tl.constexpr,
+    TILE: tl.constexpr,
+    MERGE_CHUNK: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
     b = tl.program_id(0)
-    h = tl.program_id(1)
-    p = tl.arange(0, P_PAD)
+    kv_head = tl.program_id(1)
+    part = tl.program_id(2)
+    g = tl.arange(0, GROUP_PAD)
     d = tl.arange(0, BLOCK_D)
-    wait_previous(USE_PDL)  # the partials of _decode_partition_kernel
+    heads = kv_head * GROUP + g
+    g_mask = g < GROUP
+    d_mask = d < HEAD_DIM
+    gd_mask = g_mask[:, None] & d_mask[None, :]
+    wait_previous(USE_PDL)  # q and this step's K/V come from the RoPE + cache-write kernel
     ctx = tl.load(context_lens_ptr + b)
-    num_parts = tl.cdiv(ctx, PARTITION)
-    p_mask = p < num_parts
-    m = tl.load(m_ptr + b * stride_mb + h * stride_mh + p, mask=p_mask, other=float("-inf"))
-    total = tl.load(l_ptr + b * stride_mb + h * stride_mh + p, mask=p_mask, other=0.0)
-    acc_offs = acc_ptr + b * stride_ab + h * stride_ah + p[:, None] * stride_ap + d[None, :]
-    acc = tl.load(acc_offs, mask=p_mask[:, None] & (d[None, :] < HEAD_DIM), other=0.0)  # [P, D]
-    m_max = tl.maximum(tl.max(m, axis=0), -1e30)  # an empty sequence (padding row) has no finite max
-    w = tl.exp(m - m_max)  # [P]; 0 for empty partitions
-    denom = tl.maximum(tl.sum(w * total, axis=0), 1e-30)
-    out = tl.sum(w[:, None] * acc, axis=0) / denom  # [D]; zeros for a padding row
-    tl.store(out_ptr + b * stride_ob + h * stride_oh + d, out.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
+    # partitions holding tokens (at most the grid's); a padding row (ctx 0) keeps one, to write its zeros
+    num_parts = tl.minimum(tl.maximum(tl.cdiv(ctx, PARTITION), 1), tl.num_programs(2))
+    if part < num_parts:  # programs past the context write nothing, so they do not arrive either
+        first = part * PARTITION
+        last = tl.minimum(first + PARTITION, ctx)
+        q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :], mask=gd_mask, other=0.0)
+        q = q.to(tl.float32) * scale  # [G, D]
+        m_i, l_i, acc = _attend(q, k_cache_ptr, v_cache_ptr, block_tables_ptr, b, kv_head, first, last, stride_cb,
+                                stride_ct, stride_ch, stride_tb, GROUP_PAD, HEAD_DIM, BLOCK_D, BLOCK_SIZE, TILE)
+        out_ptrs = out_ptr + b * stride_ob + heads[:, None] * stride_oh + d[None, :]  # [G, D]
+        if num_parts == 1:  # the whole context is this program's: no partials, no counter
+            out = acc / tl.maximum(l_i, 1e-30)[:, None]  # zeros for a padding row
+            tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=gd_mask)
+        else:
+            ml_offs = b * stride_mb + heads * stride_mh  # [G], partition 0's
+            acc_ptrs = acc_ptr + b * stride_ab + heads[:, None] * stride_ah + d[None, :]  # [G, D], partition 0's
+            tl.store(m_ptr + ml_offs + part, m_i, mask=g_mask)
+            tl.store(l_ptr + ml_offs + part, l_i, mask=g_mask)
+            tl.store(acc_ptrs + part * stride_ap, acc, mask=gd_mask)
+            pair = b * tl.num_programs(1) + kv_head
+            if count_arrival(count_ptr, pair) == num_parts - 1:  # the last: every other partial is visible
+                out = _merge(m_ptr + ml_offs, l_ptr + ml_offs, acc_ptrs, num_parts, stride_ap, g_mask, d_mask,
+                             GROUP_PAD, BLOCK_D, MERGE_CHUNK)  # fmt: skip
+                tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=gd_mask)
+                tl.store(count_ptr + pair, 0)  # ready for the next launch
 
 
 def auto_partition_tokens(batch: int, kv_heads: int) -> int:
@@ -163,7 +190,9 @@ def paged_decode_attention(
     scale: float | None = None,
     partition_tokens: int = 0,  # context tokens per program; 0: partition_tokens(B, Hkv)
 ) -> Tensor:
-    """Softmax(q K^T * scale) V over each sequence's first context_lens tokens. Returns [B, H, D] q.dtype."""
+    """Softmax(q K^T * scale) V over each sequence's first context_lens tokens. Returns [B, H, D] q.dtype.
+    One launch; its arrival counters (splitk.tile_counters) are allocated at the first call, so make one
+    before capturing a CUDA graph."""
     B, H, D = q.shape
     _, block_size, Hkv, _ = k_cache.shape
     assert H % Hkv == 0 and k_cache.stride(3) == 1 and q.stride(2) == 1
@@ -172,23 +201,29 @@ def paged_decode_attention(
     part = triton.next_power_of_2(partition_tokens or auto_partition_tokens(B, Hkv))
     part = min(part, triton.next_power_of_2(block_tables.shape[1] * block_size))  # one partition: no split
     P = triton.cdiv(block_tables.shape[1] * block_size, part)  # from shapes only: graph-capturable
-    m = torch.empty(B, H, P, dtype=torch.float32, device=q.device)
+    group, block_d = H // Hkv, triton.next_power_of_2(D)
+    group_pad = triton.next_power_of_2(group)
+    out = torch.empty_like(q)
+    m = torch.empty(B, H, P, dtype=torch.float32, device=q.device)  # partials: written only where P > 1
     denom = torch.empty_like(m)
     acc = torch.empty(B, H, P, D, dtype=torch.float32, device=q.device)
-    group = H // Hkv
-    meta = dict(HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), PARTITION=part, **launch_kwargs(q.device))
+    counters = tile_counters(q.device, B * Hkv)  # one per (sequence, KV head)
     _decode_partition_kernel[(B, Hkv, P)](
         q,
         k_cache,
         v_cache,
         block_tables,
         context_lens,
+        out,
         m,
         denom,
         acc,
+        counters,
         scale,
         q.stride(0),
         q.stride(1),
+        out.stride(0),
+        out.stride(1),
         k_cache.stride(0),
         k_cache.stride(1),
         k_cache.stride(2),
@@ -199,27 +234,14 @@ def paged_decode_attention(
         acc.stride(1),
         acc.stride(2),
         GROUP=group,
-        GROUP_PAD=triton.next_power_of_2(group),
+        GROUP_PAD=group_pad,
+        HEAD_DIM=D,
+        BLOCK_D=block_d,
         BLOCK_SIZE=block_size,
+        PARTITION=part,
         TILE=min(part, MAX_TILE),
-        **meta,
-    )
-    out = torch.empty_like(q)
-    _decode_merge_kernel[(B, H)](
-        out,
-        m,
-        denom,
-        acc,
-        context_lens,
-        out.stride(0),
-        out.stride(1),
-        m.stride(0),
-        m.stride(1),
-        acc.stride(0),
-        acc.stride(1),
-        acc.stride(2),
-        P_PAD=triton.next_power_of_2(P),
-        **meta,
+        MERGE_CHUNK=max(1, min(triton.next_power_of_2(P), MAX_MERGE_TILE // (group_pad * block_d))),
+        **launch_kwargs(q.device),
     )
     return out
 

@@ -13,7 +13,10 @@ Ordering (the CUTLASS semaphore pattern): all threads store their partial, a CTA
 thread's acq_rel atomic on the tile's counter releases them; the last arrival's atomic acquires every
 other program's release, and its loads go to L2 (.cg), never a stale L1 line. The last one resets the
 counter to zero, so the next launch on the stream finds it zero. Two launches sharing the counters
-must therefore not run concurrently: this assumes one stream per device, as the runtime has.
+must therefore not run concurrently: this assumes one stream per device, as the runtime has. Under
+PDL a launch's first atomic comes after its wait_previous, so the launch before has reset its counters.
+The buffer is shared by every kernel of this pattern on a device: split-K linears and split-KV decode
+attention (attention.py), which merges the partitions of a (sequence, KV head) the same way.
 """
 
 from __future__ import annotations
@@ -34,8 +37,8 @@ def tile_counters(device: torch.device, tiles: int) -> Tensor:
     buf = _counters.get(device)
     if buf is None or buf.numel() < tiles:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise MoetuneError(f"split-K: {tiles} tile counters are allocated at the first eager call; "
-                               "run the linear once before capturing a CUDA graph")  # fmt: skip
+            raise MoetuneError(f"{tiles} arrival counters are allocated at the first eager call; "
+                               "run the linear or attention once before capturing a CUDA graph")  # fmt: skip
         if buf is not None:
             _retired.append(buf)
         buf = _counters[device] = torch.zeros(max(tiles, 4096), dtype=torch.int32, device=device)
@@ -48,13 +51,20 @@ def k_slice(K: int, split_k: int, block_k: int) -> int:
 
 
 @triton.jit
+def count_arrival(count_ptr, tile):
+    """Once this program's partials are stored: count it in on `tile`; returns how many came before it.
+    Also the arrival of kernels whose partials are not one [BM, BN] tile (attention.py)."""
+    tl.debug_barrier()  # every thread's partial is stored before one thread releases them
+    return tl.atomic_add(count_ptr + tile, 1, sem="acq_rel", scope="gpu")
+
+
+@triton.jit
 def arrive(acc, part_ptr, count_ptr, rows, cols, M, N, pid_k, tile):
     """Publish this program's [BM, BN] float32 partial; returns how many of the tile's programs came before."""
     ok = (rows < M)[:, None] & (cols < N)[None, :]
     offs = rows[:, None].to(tl.int64) * N + cols[None, :]
     tl.store(part_ptr + pid_k.to(tl.int64) * M * N + offs, acc, mask=ok)
-    tl.debug_barrier()  # every thread's partial is stored before one thread releases them
-    return tl.atomic_add(count_ptr + tile, 1, sem="acq_rel", scope="gpu")
+    return count_arrival(count_ptr, tile)
 
 
 @triton.jit
