@@ -89,6 +89,11 @@ def format_table(path: Path) -> str:
             f"top_k={s['top_k']} {sidecar['dtype']} on {sidecar['device']}; torch {v['torch']}, "
             f"triton {v['triton']}, moetune {v['moetune']}; tuning took {sidecar.get('wall_time_s', 0):.0f} s"
         )
+        if sidecar.get("space"):
+            from moetune.tuning.space import describe_space
+
+            lines.append(f"  searched part of the space (--space, sampler {sidecar.get('sampler', '?')}): "
+                         f"{describe_space(sidecar['space'])}")  # fmt: skip
         if not sidecar.get("timings_meaningful", True):
             lines.append("  timings come from Triton's CPU interpreter: meaningless, they only prove the pipeline ran")
         lines.append("  BLOCK_M..stages, table_us: the vLLM-format table's config; ours, tuned_us: our fastest config "

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -18,10 +19,11 @@ import pytest
 from optuna.trial import TrialState
 
 from moetune.errors import MoetuneError, TableError
+from moetune.kernels.knobs import is_vllm_structure
 from moetune.models import MoeShape
 from moetune.tables import default_config, load_sidecar, load_table, save_table
 from moetune.tuning.priors import prior_configs
-from moetune.tuning.space import Space, config_key, space_for, to_config
+from moetune.tuning.space import Space, config_key, parse_space, space_for, to_config
 from moetune.tuning.study import (
     PENALTY_US,
     Settings,
@@ -89,6 +91,77 @@ def test_block_m_above_the_token_count_is_clamped_but_never_below_64():
 def test_tiny_shapes_clamp_tiles_that_would_only_pad():
     space = space_for(16, MoeShape(E=4, N=96, K=64, top_k=2))
     assert to_config(space.params(cfg(16, 256, 256, 1, 4, 3)))["BLOCK_SIZE_K"] == 128  # max(K, N) = 96 -> 128
+
+
+def test_space_pins_hold_knobs_at_one_value_for_either_sampler():
+    assert parse_space(None) == {}
+    six = parse_space("vllm")
+    assert six == {"kernel": "tiled", "fuse_silu": 0}
+    assert space_for(16, SHAPE, six).size() == 2688 and space_for(256, SHAPE, six).size() == 4480  # vLLM's six knobs
+    assert all(is_vllm_structure(c) for c in space_for(1, SHAPE, six).configs())
+    pins = parse_space("vllm, GROUP_SIZE_M=1,BLOCK_SIZE_M=64")
+    for M in (1, 128, 4096):  # BLOCK_SIZE_M=64 holds at any M, above the clamp or not
+        space = space_for(M, SHAPE, pins)
+        configs = space.configs()
+        assert space.size() == len(configs) == 128  # BLOCK_SIZE_N 4 x BLOCK_SIZE_K 4 x warps 2 x stages 4
+        assert {(c["GROUP_SIZE_M"], c["BLOCK_SIZE_M"]) for c in configs} == {(1, 64)}
+        assert all(set(c) == set(cfg(1, 1, 1, 1, 1, 1)) for c in configs)  # six knobs, no extra
+        # anything (an old table's entry, vLLM's default, a prior) moves to the nearest point of the space
+        moved = to_config(space.params({**cfg(16, 64, 128, 8, 8, 3), "fuse_silu": 1, "kernel": "gemv"}))
+        assert moved == cfg(64, 64, 128, 1, 8, 3)
+    # a pin off vLLM's structure is a config's knob too, even where it is not searched (gemv above M=8)
+    fused = space_for(64, SHAPE, parse_space("fuse_silu=1,kernel=gemv,num_stages=3"))
+    assert {(c["fuse_silu"], c["kernel"], c["num_stages"]) for c in fused.configs()} == {(1, "gemv", 3)}
+    assert to_config(fused.params(cfg(64, 64, 64, 1, 4, 4))) == {**cfg(64, 64, 64, 1, 4, 3), "kernel": "gemv",
+                                                                  "fuse_silu": 1}  # fmt: skip
+
+
+@pytest.mark.parametrize(("spec", "message"), [
+    ("vllm,BLOCK_SIZE_M=48", "BLOCK_SIZE_M='48' is not allowed; use one of [16, 32, 64, 128, 256]"),
+    ("warps=4", "'warps=4' is neither 'vllm' nor KNOB=VALUE"),
+    ("six", "'six' is neither"),
+    ("", "'' is neither"),
+    ("kernel=fast", "kernel='fast' is not allowed; use one of ['tiled', 'gemv']"),
+])  # fmt: skip
+def test_a_bad_space_spec_is_one_clear_error(spec, message):
+    with pytest.raises(MoetuneError, match=re.escape(message)):
+        parse_space(spec)
+
+
+def test_grid_and_tpe_search_the_same_pinned_space_and_the_grid_all_of_it(tmp_path):
+    pins = parse_space("vllm,GROUP_SIZE_M=1,BLOCK_SIZE_M=64,num_warps=4")  # 64 configs
+    grid_job, tpe_job = make_job(tmp_path / "grid", [1, 64]), make_job(tmp_path / "tpe", [1, 64])
+    save_table(tpe_job.path, {1: cfg(16, 32, 64, 8, 8, 3)})  # an old table outside the space: moved into it
+    tune_table(grid_job, Settings(trials=None, sampler="grid", pins=pins, **FAST), SyntheticBench)
+    tune_table(tpe_job, Settings(trials=30, patience=1000, pins=pins, **FAST), SyntheticBench)
+    for job in (grid_job, tpe_job):
+        sidecar = load_sidecar(job.path)
+        assert sidecar["space"] == pins
+        for M in (1, 64):
+            entry, trials = sidecar["entries"][str(M)], trials_of(job, M)
+            in_space = {config_key(c) for c in space_for(M, SHAPE, pins).configs()}
+            assert {config_key(to_config(t.params)) for t in trials} <= in_space
+            assert config_key(entry["config"]) in in_space and entry["config"] == entry["vllm_config"]
+            # vLLM's default (BLOCK_SIZE_M 16 at M=1, GROUP_SIZE_M 8 at M=64) is re-timed moved into the space
+            assert entry["default_us"] == pytest.approx(synthetic_us(to_config(
+                space_for(M, SHAPE, pins).params(default_config(M, SHAPE.E))), M), rel=1e-3)  # fmt: skip
+            if job is grid_job:
+                assert len(trials) == len(in_space) == 64  # every config once
+                best = min(synthetic_us(c, M) for c in space_for(M, SHAPE, pins).configs())
+                assert entry["tuned_us"] == pytest.approx(best, rel=1e-3)
+    assert to_config(trials_of(tpe_job, 1)[0].params) == cfg(64, 32, 64, 1, 4, 3)  # the old entry, moved
+
+
+def test_a_run_resumes_only_with_the_space_it_started_with(tmp_path):
+    pins = parse_space("vllm,GROUP_SIZE_M=1")
+    tune_table(make_job(tmp_path, [1, 16]), Settings(trials=2, pins=pins, **FAST), SyntheticBench)
+    for other in ({}, parse_space("vllm")):
+        with pytest.raises(MoetuneError, match=r"was run with --space 'kernel=tiled,fuse_silu=0,GROUP_SIZE_M=1'"):
+            tune_table(make_job(tmp_path, [1, 16, 64], resume=True), Settings(trials=2, pins=other, **FAST),
+                       SyntheticBench)  # fmt: skip
+    result = tune_table(make_job(tmp_path, [1, 16, 64], resume=True), Settings(trials=2, pins=pins, **FAST),
+                        SyntheticBench)  # fmt: skip
+    assert result.resumed == [1, 16] and sorted(result.done) == [1, 16, 64]
 
 
 # ---------------------------------------------------------------------------------------- screening

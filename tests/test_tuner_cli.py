@@ -36,6 +36,8 @@ TINY_TABLE = "E=4,N=96,device_name=CPU_triton_interpreter.json"
         (["--model", "tiny", "--trials", "2.5"], "argument --trials: invalid int value: '2.5'"),
         (["--model", "tiny", "--sampler", "random"], "unknown --sampler 'random'"),
         (["--model", "tiny", "--prior", "/nonexistent/vllm.json"], "/nonexistent/vllm.json"),
+        (["--model", "tiny", "--space", "vllm,num_warps=3"], "num_warps='3' is not allowed"),
+        (["--model", "tiny", "--space", "GROUP=1"], "'GROUP=1' is neither 'vllm' nor KNOB=VALUE"),
         ([], "which model?"),
     ],
 )
@@ -108,6 +110,23 @@ def test_run_dir_and_storage_defaults_follow_the_table_name(tmp_path, monkeypatc
     assert job.path == Path("runs") / "tuned_configs" / f"{stem}.json" and job.Ms == [1, 4]
     assert job.storage == str(Path("runs") / stem / "journal.log")
     assert seen["kw"]["trials_csv"] == Path("runs") / stem / "trials.csv"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU path")
+def test_space_pins_reach_the_tuner_and_the_log_says_how_big_each_space_is(tmp_path, monkeypatch, capsys):
+    from moetune.tuning import cli
+
+    seen = {}
+    fake = lambda job, settings, factory, **kw: seen.update(settings=settings) or cli.TableResult()
+    monkeypatch.setattr(cli, "tune_table", fake)
+    argv = ["run", "--model", "tiny", "--batch-sizes", "1,16", "--sampler", "grid", "--output", str(tmp_path),
+            "--run-dir", str(tmp_path / "run"), "--space", "vllm,GROUP_SIZE_M=1,BLOCK_SIZE_M=64,num_stages=3"]
+    assert main(argv) == 0
+    assert seen["settings"].pins == {"kernel": "tiled", "fuse_silu": 0, "GROUP_SIZE_M": 1, "BLOCK_SIZE_M": 64,
+                                     "num_stages": 3} and seen["settings"].sampler == "grid"  # fmt: skip
+    out = capsys.readouterr().out
+    # tiny (N=96, K=64): BLOCK_SIZE_N 32..256 x BLOCK_SIZE_K 32..128 x warps 4, 8
+    assert "space: vLLM's six knobs only, GROUP_SIZE_M=1, BLOCK_SIZE_M=64, num_stages=3; configs per M: M=1: 24, M=16: 24" in out
 
 
 def _one_line_error(argv, capsys) -> str:

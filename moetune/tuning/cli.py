@@ -27,6 +27,7 @@ from moetune.tables import (
     table_filename,
 )
 from moetune.tuning.bench import KernelBench, bytes_per_elem
+from moetune.tuning.space import describe_space, parse_space, space_for
 from moetune.tuning.study import Settings, drop_stale_journal_lock
 from moetune.tuning.tuner import TableJob, TableResult, tune_table
 
@@ -59,6 +60,9 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                    help="a table (e.g. vLLM's shipped file for this GPU) whose config at each M starts the search "
                    "and is re-timed beside the winner; repeatable")  # fmt: skip
     p.add_argument("--sampler", default="tpe", help="tpe (default) or grid (brute force, for comparisons)")
+    p.add_argument("--space", metavar="SPEC", help="search only part of the space, the same part whichever sampler: "
+                   "'vllm' = vLLM's six knobs (our extra knobs at vLLM's structure), KNOB=VALUE pins a knob; "
+                   "comma-separated, e.g. vllm,GROUP_SIZE_M=1 (default: the whole space)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="seeds the weights, the inputs and the sampler (any integer)")
     p.add_argument("--patience", type=int, default=40, help="stop an M after this many trials without a 1%% gain")
     p.add_argument("--finalists", type=int, default=4, help="best configs re-timed with many reps per M")
@@ -191,6 +195,7 @@ def run_main(args: argparse.Namespace) -> int:
         raise MoetuneError(f"unknown --sampler {args.sampler!r}; choose tpe or grid")
     time_budget = parse_duration(args.time_budget) if args.time_budget is not None else None
     priors = {Path(p).name: load_table(p) for p in args.prior}  # a bad file fails now, not after an hour
+    pins = parse_space(args.space)
     batch_sizes = parse_token_counts(args.batch_sizes) if args.batch_sizes is not None else None
 
     gpu, smem_limit = _gpu_facts(args.gpus)
@@ -217,6 +222,7 @@ def run_main(args: argparse.Namespace) -> int:
     if gpu:
         compile_workers = args.compile_workers or default_compile_workers(args.gpus, shape, dtype)
     settings = _settings(args, gpu, dtype, time_budget, compile_workers, smem_limit)
+    settings.pins = pins
     job = TableJob(
         path=path, storage=storage, shape=shape, dtype=dtype, model=model.name, tp=args.tp, device=device,
         Ms=batch_sizes or list(TOKEN_COUNTS if gpu else CPU_TOKEN_COUNTS), resume=args.resume, cache_dir=cache_dir,
@@ -228,6 +234,9 @@ def run_main(args: argparse.Namespace) -> int:
     workers = f"{args.gpus} GPU worker(s), {compile_workers} compile processes each" if gpu else "1 CPU worker"
     print(f"  M = {','.join(map(str, job.Ms))}; studies in {storage}; {workers}"
           + (f"; time budget {settings.time_budget_s:.0f} s" if settings.time_budget_s else ""))  # fmt: skip
+    if pins or settings.sampler == "grid":  # what a comparison of samplers needs to know: how big each space is
+        sizes = ", ".join(f"M={M}: {space_for(M, shape, pins).size()}" for M in job.Ms)
+        print(f"  space: {describe_space(pins)}; configs per M: {sizes}")
     if not gpu:
         print(
             "  note: no GPU, so this runs through Triton's CPU interpreter: the timings are meaningless "

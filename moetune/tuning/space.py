@@ -9,6 +9,9 @@ Our extra knobs come from kernels/knobs.py's EXTRA_KNOBS, so a knob the kernel g
 no change here: integer-valued ones as an ordered index into their values (split-K 1 < 2 < 4), the
 rest as categories. A config carries an extra knob only where it differs from the value that means
 "vLLM's structure", so a six-knob config and the same config with explicit defaults are one config.
+
+`--space` pins knobs (`parse_space`): a pinned knob keeps one value in the space whichever sampler
+searches it, so a brute-force grid and TPE can be compared on a space small enough to enumerate.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ from typing import Any
 
 from optuna.distributions import BaseDistribution, CategoricalDistribution, IntDistribution
 
-from moetune.kernels.knobs import EXTRA_KNOBS
+from moetune.errors import MoetuneError
+from moetune.kernels.knobs import EXTRA_KNOBS, VLLM_KNOBS
 from moetune.models import MoeShape
 from moetune.tables import KNOBS, Config
 
@@ -72,7 +76,8 @@ class Space:
     extras: tuple[tuple[str, tuple[Any, ...]], ...] = ()  # (knob, values searched); one value: not searched
 
     def _searched_extras(self) -> list[tuple[str, tuple[Any, ...]]]:
-        return [(knob, values) for knob, values in self.extras if len(values) > 1]
+        """The extra knobs that are Optuna parameters: several values, or one pinned off vLLM's structure."""
+        return [(knob, v) for knob, v in self.extras if len(v) > 1 or v[0] != EXTRA_KNOBS[knob][1]]
 
     def distributions(self) -> dict[str, BaseDistribution]:
         out: dict[str, BaseDistribution] = {name: IntDistribution(lo, hi) for name, lo, hi in self.ranges}
@@ -108,19 +113,21 @@ class Space:
         for knob, values in self._searched_extras():
             all_values, default = EXTRA_KNOBS[knob]
             value = config.get(knob, default)
-            value = value if value in values else default
+            value = value if value in values else default if default in values else values[0]
             out[_extra_param(knob)] = all_values.index(value) if _ordered(values) else value
         return out
 
 
-def space_for(M: int, shape: MoeShape) -> Space:
+def space_for(M: int, shape: MoeShape, pins: Mapping[str, Any] | None = None) -> Space:
     """The space for token count M, with blocks that can only add padding clamped away.
 
     Top-k picks distinct experts, so no expert receives more than M slots: a BLOCK_SIZE_M above
     next_pow2(M) only pads every block further (kept >= 64 for wgmma). Likewise BLOCK_SIZE_N above the
     widest GEMM output (2N for GEMM1, K for GEMM2) and BLOCK_SIZE_K above the deepest reduction
     (K, N) are all padding. For real models only the BLOCK_SIZE_M clamp ever bites.
+    `pins` (from `parse_space`) holds knobs at one value each, clamps or not.
     """
+    pins = pins or {}
     caps = {
         "BLOCK_SIZE_M": max(MIN_USEFUL_BLOCK_M, _pow2_ceil(M)),
         "BLOCK_SIZE_N": _pow2_ceil(max(2 * shape.N, shape.K)),
@@ -128,11 +135,48 @@ def space_for(M: int, shape: MoeShape) -> Space:
     }
     ranges = []
     for knob, (name, lo, hi) in LOG2_KNOBS.items():
-        if knob in caps:
+        if knob in pins:
+            lo = hi = int(math.log2(pins[knob]))
+        elif knob in caps:
             hi = max(lo, min(hi, int(math.log2(caps[knob]))))
         ranges.append((name, lo, hi))
-    ranges.append(("num_stages", *STAGES))
-    return Space(tuple(ranges), extra_choices(M))
+    stages = (pins["num_stages"],) * 2 if "num_stages" in pins else STAGES
+    ranges.append(("num_stages", *stages))
+    extras = tuple((knob, (pins[knob],) if knob in pins else values) for knob, values in extra_choices(M))
+    return Space(tuple(ranges), extras)
+
+
+def parse_space(spec: str | None) -> dict[str, Any]:
+    """`--space` as pinned knobs: "vllm" pins every extra knob at vLLM's structure (the six knobs of
+    the vLLM-format table are then the whole space), KNOB=VALUE pins one knob; comma-separated."""
+    pins: dict[str, Any] = {}
+    if spec is None:
+        return pins
+    for item in spec.split(","):
+        item = item.strip()
+        if item == "vllm":
+            pins.update({knob: default for knob, (_, default) in EXTRA_KNOBS.items()})
+            continue
+        knob, sep, text = item.partition("=")
+        knob, text = knob.strip(), text.strip()
+        allowed = VLLM_KNOBS.get(knob) or EXTRA_KNOBS.get(knob, ((),))[0]
+        if not sep or not allowed:
+            known = ", ".join([*VLLM_KNOBS, *EXTRA_KNOBS])
+            raise MoetuneError(f"--space {spec!r}: {item!r} is neither 'vllm' nor KNOB=VALUE with a knob of {known}")
+        value = next((v for v in allowed if str(v) == text), None)
+        if value is None:
+            raise MoetuneError(f"--space {spec!r}: {knob}={text!r} is not allowed; use one of {list(allowed)}")
+        pins[knob] = value
+    return pins
+
+
+def describe_space(pins: Mapping[str, Any]) -> str:
+    """One line for a log: which knobs a run pinned."""
+    if not pins:
+        return "the whole space"
+    vllm = all(pins.get(knob) == default for knob, (_, default) in EXTRA_KNOBS.items())
+    rest = [f"{k}={v}" for k, v in pins.items() if not (vllm and k in EXTRA_KNOBS)]
+    return ", ".join((["vLLM's six knobs only"] if vllm else []) + rest)
 
 
 def to_config(params: Mapping[str, Any]) -> Config:

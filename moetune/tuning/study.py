@@ -21,7 +21,7 @@ import socket
 import statistics
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +65,7 @@ class Settings:
     anchors: bool = True  # tune every other M (the anchors) first and fully, the M between them lighter
     light_fraction: float = 0.5  # the trial budget and time weight of an M between two anchors
     finalize_share: float = 0.2  # of an M's time slice, kept for re-timing its finalists
+    pins: dict[str, Any] = field(default_factory=dict)  # --space: knobs held at one value (space.parse_space)
 
 
 # ------------------------------------------------------------------------------------------- storage
@@ -476,7 +477,7 @@ def fallback_entry(starts: list[tuple[str, Config]], space: Space, note: str) ->
     """An M the budget left unscreened: the first known-good start (old table, neighbour, prior), untimed."""
     placed = [(source, to_config(space.params(c))) for source, c in starts]  # e.g. no gemv above M=8
     source, config = placed[0]
-    vllm = next(c for _, c in placed if is_vllm_structure(c))
+    vllm = next((c for _, c in placed if is_vllm_structure(c)), six_knobs(config))  # none when --space pins an extra
     return {"config": config, "vllm_config": six_knobs(vllm), "tuned_us": None, "default_us": None,
             "speedup": None, "trials": 0, "incomplete": True, "note": f"{note}; config from {source}"}  # fmt: skip
 

@@ -218,6 +218,23 @@ def cost_weight(M: int, anchor: bool, settings: Settings) -> float:
     return (1.0 + M / 512) * (1.0 if anchor else settings.light_fraction)
 
 
+def _spec(pins: Mapping[str, Any]) -> str:
+    """Pinned knobs as the --space value that gives them ('' for the whole space)."""
+    return repr(",".join(f"{k}={v}" for k, v in pins.items()))
+
+
+def _check_space(storage: BaseStorage, job: TableJob, pins: Mapping[str, Any]) -> None:
+    """A resumed (or shared) run searches the space its studies were started with: their trials hold its
+    distributions, and a table mixing two spaces would answer neither question."""
+    for name in optuna.get_all_study_names(storage):
+        if name.startswith(job.stem + "/M="):
+            attrs = optuna.load_study(study_name=name, storage=storage).user_attrs
+            theirs = attrs.get("space", {})
+            if "M" in attrs and theirs != pins:  # "M" and "space" are set together when a study starts
+                raise MoetuneError(f"{name} was run with --space {_spec(theirs)}, not {_spec(pins)}; "
+                                   f"resume with the same --space, or start another run (--run-dir)")  # fmt: skip
+
+
 def _check_fresh(storage: BaseStorage, job: TableJob) -> None:
     ours = sorted(int(n.split("/M=")[1]) for n in optuna.get_all_study_names(storage) if n.startswith(job.stem + "/M="))
     if ours and not job.resume:
@@ -243,6 +260,7 @@ def _sidecar(job: TableJob, entries: Mapping[int, dict], meaningful: bool, setti
         "entries": {str(M): {k: v for k, v in entries[M].items() if k != "top"} for M in sorted(entries)},
         "sampler": settings.sampler,
         "studies": f"{job.stem}/M=<M>",
+        **({"space": settings.pins} if settings.pins else {}),
     }
 
 
@@ -317,6 +335,7 @@ def tune_table(job: TableJob, settings: Settings, factory: BenchFactory, *, work
         end = t0 + settings.time_budget_s - min(WRITE_RESERVE_S, 0.02 * settings.time_budget_s)
     storage = open_storage(job.storage, on_repair=lambda message: tqdm.write(f"warning: {message}", file=sys.stderr))
     _check_fresh(storage, job)
+    _check_space(storage, job, settings.pins)
     old_table = load_table(job.path) if job.path.exists() else {}
     old_sidecar = load_sidecar(job.path) if job.path.exists() else None
     entries: dict[int, dict] = {int(m): e for m, e in (old_sidecar or {}).get("entries", {}).items()}
@@ -333,7 +352,7 @@ def tune_table(job: TableJob, settings: Settings, factory: BenchFactory, *, work
             result.done[M] = entry
             result.resumed.append(M)
     order = [(M, anchor) for M, anchor in tuning_order(job.Ms, settings.anchors) if M not in result.done]
-    n_max = {M: _trial_budget(settings, space_for(M, job.shape), anchor) for M, anchor in order}
+    n_max = {M: _trial_budget(settings, space_for(M, job.shape, settings.pins), anchor) for M, anchor in order}
 
     bench = factory()
     pool = Workers(workers, factory, job.storage, settings) if workers > 1 and order else None
@@ -396,7 +415,7 @@ def _tune_m(job: TableJob, settings: Settings, storage: BaseStorage, bench: Benc
             tops: Mapping[int, list[Config]], old_table: Mapping[int, Config], slice_end: float | None,
             run_end: float | None, n_max: int, progress: _Progress) -> dict | None:  # fmt: skip
     t0 = time.time()
-    space = space_for(M, job.shape)
+    space = space_for(M, job.shape, settings.pins)
     study = optuna.create_study(
         storage=storage, study_name=job.study_name(M), sampler=make_sampler(settings, space, M, 0),
         pruner=make_pruner(settings), direction="minimize", load_if_exists=True,
@@ -406,10 +425,12 @@ def _tune_m(job: TableJob, settings: Settings, storage: BaseStorage, bench: Benc
         return final
     if "M" not in study.user_attrs:  # what the study is, for whoever opens it in optuna-dashboard
         for key, value in dict(M=M, table=job.path.name, model=job.model, dtype=job.dtype, device=job.device,
-                               unit="µs (median, whole layer)", penalty_us=PENALTY_US).items():  # fmt: skip
+                               unit="µs (median, whole layer)", penalty_us=PENALTY_US,
+                               space=settings.pins).items():  # fmt: skip
             study.set_user_attr(key, value)
     recover_stale(study, exclusive="://" not in job.storage)
     starts = warm_starts(M, job.shape.E, job.dtype, tops, old_table, settings.neighbour_top, job.prior_tables)
+    default = to_config(space.params(default_config(M, job.shape.E)))  # itself, unless --space pins one of its knobs
     if settings.sampler != "grid":  # the grid holds them anyway; enqueued extras would eat its budget
         for source, config in starts:
             study.enqueue_trial(space.params(config), user_attrs={"warm_start": source}, skip_if_exists=True)
@@ -427,7 +448,7 @@ def _tune_m(job: TableJob, settings: Settings, storage: BaseStorage, bench: Benc
     screened = screened_count(study)
     entry = None
     if screened:
-        entry = finalize(study, bench, M, default_config(M, job.shape.E), settings, slice_end)
+        entry = finalize(study, bench, M, default, settings, slice_end)
     elif slice_end is not None:
         entry = fallback_entry(starts, space, "the time budget ran out before its screening began")
     if entry is not None:
