@@ -360,8 +360,8 @@ def verdicts(args, runs: dict, rows: list, scale: float) -> None:
     elif g == (0, 0):
         print("  tuned == default bit for bit at both batch sizes (plain tiles only, or no table)")
     if get[f"TP{tp} served: perturbed vs default (noise floor)"] == (0, 0):
-        print("  noise floor 0: moving BLOCK_SIZE_M/K does not change a bit here, so compare.py's tolerance is its "
-              "rtol floor alone")  # fmt: skip
+        print("  noise floor 0: moving BLOCK_SIZE_M/K and flipping fuse_silu change no bit here, so compare.py's "
+              "tolerance is its rtol floor alone")  # fmt: skip
     for label, (a, b) in get.items():
         if " vs TP" in label and max(a, b) > 0.1 * max(1.0, scale):
             print(f"  CHECK: {label} differs by {max(a, b):.3g}, a large part of the logit scale")

@@ -54,13 +54,15 @@ def test_teacher_forced_batch_decodes_the_prompts_together_as_they_would_alone(e
         engine.teacher_forced_logits_batch(prompts, [[9060], [22557, 28725]])
 
 
-def test_perturbed_default_changes_only_block_size_m_and_k(engine):
+def test_perturbed_default_changes_only_block_size_m_and_k_and_fuse_silu(engine):
     default = tables.ConfigTable.untuned(4)
     for M in (1, 4, 5, 256):
         a, b = default.pick(M), default.perturbed().pick(M)
-        assert {**a, "BLOCK_SIZE_K": b["BLOCK_SIZE_K"], "BLOCK_SIZE_M": b["BLOCK_SIZE_M"]} == b
+        assert {**a, "BLOCK_SIZE_K": b["BLOCK_SIZE_K"], "BLOCK_SIZE_M": b["BLOCK_SIZE_M"], "fuse_silu": 1} == b
         assert b["BLOCK_SIZE_K"] in (32, 64, 128, 256) and b["BLOCK_SIZE_M"] in (16, 64)
         assert b["BLOCK_SIZE_K"] != a["BLOCK_SIZE_K"] and b["BLOCK_SIZE_M"] != a["BLOCK_SIZE_M"]
+    assert tables.perturb_rounding(dict(a, fuse_silu=1))["fuse_silu"] == 0
+    assert "fuse_silu" not in tables.perturb_rounding(dict(a, kernel="gemv"))
     with pytest.raises(MoetuneError, match="unknown MoE table"):
         engine.use_tables("fastest")
 

@@ -71,7 +71,7 @@ class LLMEngine:
 
     def use_tables(self, which: str) -> None:
         """Switch every MoE layer to the "tuned" table, the untuned "default", or "default-perturbed" (the
-        default with BLOCK_SIZE_M/K changed: equal up to rounding, for the parity check's noise floor).
+        default with BLOCK_SIZE_M/K and fuse_silu changed: equal up to rounding, for the parity check's noise floor).
         Re-captures the decode graphs (each bakes in its batch size's config); weights and KV cache stay."""
         if which not in layers.TABLE_CHOICES:  # before any rank switches
             raise MoetuneError(f"unknown MoE table {which!r}; choose one of {', '.join(layers.TABLE_CHOICES)}")

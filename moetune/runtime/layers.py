@@ -198,8 +198,8 @@ class Attention(nn.Module):
         out[p.rows[p.valid]] = o[p.valid]
 
 
-# Which table the MoE layers read: the tuned one, vLLM's default, or the default with BLOCK_SIZE_M/K changed
-# (numerically equivalent, rounds otherwise: the parity check's noise floor). Every rank derives its own.
+# Which table the MoE layers read: the tuned one, vLLM's default, or the default with BLOCK_SIZE_M/K and fuse_silu
+# changed (numerically equivalent, rounds otherwise: the parity check's noise floor). Every rank derives its own.
 TABLE_CHOICES = ("tuned", "default", "default-perturbed")
 
 

@@ -32,8 +32,8 @@ log = logging.getLogger("moetune.serve")
 # Mixtral-8x7B with random weights drift by 1.6-1.9 logits (about 17x this floor) between two correct tables.
 # In bf16/fp16 a config change is about one ulp per layer (2^-8, 2^-11); fp32 rounds at 2^-24.
 LOGIT_RTOL = {"fp32": 1e-4, "bf16": 2e-2, "fp16": 2e-2, "fp8": 2e-2}
-# The measured noise floor: the drift between the default table and the default with BLOCK_SIZE_M/K changed
-# ("default-perturbed": certainly correct, rounds otherwise), for this model, dtype and weights. Tuned vs
+# The measured noise floor: the drift between the default table and the default with BLOCK_SIZE_M/K and fuse_silu
+# changed ("default-perturbed": certainly correct, rounds otherwise), for this model, dtype and weights. Tuned vs
 # default may drift up to NOISE_FACTOR times that; a wrong config (wrong expert) moves logits by O(their scale).
 NOISE_FACTOR = 3.0
 # Above this fraction of the logit scale, the tolerance is too wide to tell a wrong config from rounding.
@@ -158,7 +158,7 @@ def compare(engine: Any, w: Workload) -> dict:
     prompts = [fixed_prompt(w.check_prompt_len, v, seed=100 + i) for i in range(w.check_prompts)]
     forced = [fixed_prompt(w.check_tokens, v, seed=200 + i) for i in range(w.check_prompts)]  # the same for both
     runs = {"default": run_mode(engine, "default", w, prompts, forced)}
-    log.info("default-perturbed (BLOCK_SIZE_M/K changed): teacher-forced decode logits for the noise floor")
+    log.info("default-perturbed (BLOCK_SIZE_M/K and fuse_silu changed): teacher-forced decode logits, noise floor")
     engine.use_tables("default-perturbed")
     runs["default-perturbed"] = {"logits": forced_logits(engine, prompts, forced)}
     runs["tuned"] = run_mode(engine, "tuned", w, prompts, forced)  # last: serve goes on with the tuned table
@@ -183,7 +183,8 @@ def compare(engine: Any, w: Workload) -> dict:
         "ttft": {"prompt_len": w.prompt_len, "default_ms": d, "tuned_ms": t, "speedup": speedup(d, t)},
         "parity": [asdict(p) for p in parity(runs, engine.config.dtype)],
         "parity_rule": {"rtol": LOGIT_RTOL.get(engine.config.dtype, 2e-2), "noise_factor": NOISE_FACTOR,
-                        "noise_run": "default configs with BLOCK_SIZE_K halved (doubled at 32)"},
+                        "noise_run": "default configs with BLOCK_SIZE_M 16<->64, BLOCK_SIZE_K halved (doubled at 32), "
+                                     "fuse_silu flipped"},
         "torch": torch.__version__, "triton": triton.__version__,
         "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
@@ -216,7 +217,8 @@ def report(r: dict) -> str:
     if r["parity"]:
         rule = r.get("parity_rule", {})
         lines.append(f"parity: teacher-forced logits, tuned vs default; noise floor = default vs default with "
-                     f"BLOCK_SIZE_M/K changed (two correct configs); each prompt decoded alone (steps 0..n/2-1) and "
+                     f"BLOCK_SIZE_M/K and fuse_silu changed (two correct configs); each prompt decoded alone "
+                     f"(steps 0..n/2-1) and "
                      f"with the others in one batch (the rest); tol = max({rule.get('rtol', 2e-2):g} x "
                      f"max(1, max|logit|), {rule.get('noise_factor', NOISE_FACTOR):g} x noise floor)")  # fmt: skip
     for p in r["parity"]:
