@@ -2,14 +2,19 @@
 
     python benchmarks/linear_fp8_sweep.py --out runs/linear_fp8_sweep.csv     # H100: ~2-3 min expected
     python benchmarks/linear_fp8_sweep.py --out /tmp/s.csv --quick            # a smaller grid, ~1 min
+    python benchmarks/linear_fp8_sweep.py --out /tmp/p.csv --quick --preload 0,1 --prefetch 0,4  # the PDL knobs
 
 Expected, not yet measured: 536 configs (+128 router compiles) take ~1 s each to compile on one core,
 so ~45 s in 15 processes, then ~60 s of timing. --budget-s (210) stops it starting new configs.
 
 For M in 1, 4, 16 and Mixtral-8x7B's dense linears (qkv 6144x4096, o_proj 4096x4096, router 8x4096,
 lm_head 32000x4096) it times the real kernel (linear_w8a16 with a W8A16Config) over BLOCK_N x BLOCK_K x
-num_warps x num_stages x SPLIT_K, the current default and torch's bf16 F.linear. Prints the top 5 per
-(shape, M), a summary, and the DEFAULT_CONFIGS rows to paste into moetune/kernels/linear_fp8.py.
+num_warps x num_stages x SPLIT_K x PRELOAD x PREFETCH (the weights fetched before the PDL wait; their values
+from --preload / --prefetch), the current default and torch's bf16 F.linear. PDL is on where it is on in the
+runtime (sm_90), so a launch's early weight fetch overlaps the previous launch, another linear here: the
+overlap in a decode step, after a norm or an attention merge, is what benchmarks/decode_step.py measures.
+Prints the top 5 per (shape, M), a summary, and the DEFAULT_CONFIGS rows to paste into
+moetune/kernels/linear_fp8.py.
 
 Timing (moetune.timing.time_us): one CUDA graph of >= 20 launches, median of its replays, random data.
 Each launch reads its own copy of the weights, with copies worth >= 2.5x the L2 cache, so no launch
@@ -59,22 +64,21 @@ GRID = dict(BLOCK_N=(16, 32, 64, 128), BLOCK_K=(128, 256, 512), num_warps=(2, 4,
 QUICK = dict(BLOCK_N=(16, 32, 64), BLOCK_K=(256, 512), num_warps=(4, 8), num_stages=(3, 4), SPLIT_K=(1, 2, 4))
 SMEM_BUDGET = 220 * 1024  # of sm_90's 227 KB a block
 MIN_LAUNCHES = 20  # per graph replay
-CSV_FIELDS = ["shape", "N", "K", "M", "kind", "BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages",
-              "SPLIT_K", "programs", "us", "tb_s", "weight_bytes", "copies", "launches", "rel_err", "status",
-              "device"]  # fmt: skip
+KNOBS = list(W8A16Config.__dataclass_fields__)  # BLOCK_M ... SPLIT_K, PRELOAD, PREFETCH
+CSV_FIELDS = ["shape", "N", "K", "M", "kind", *KNOBS, "programs", "us", "tb_s", "weight_bytes", "copies", "launches",
+              "rel_err", "status", "device"]  # fmt: skip
 
 
 def sweep_configs(grid: dict[str, tuple[int, ...]]) -> list[W8A16Config]:
     """The grid less what can't fit or can't use its threads, in a fixed shuffled order: a sweep cut
     short by --budget-s is still a fair sample of it."""
     out = []
-    for bn, bk, warps, stages, split in itertools.product(*(grid[k] for k in W8A16Config.__dataclass_fields__
-                                                            if k != "BLOCK_M")):  # fmt: skip
+    for bn, bk, warps, stages, split, preload, prefetch in itertools.product(*(grid[k] for k in KNOBS[1:])):
         smem = (stages - 1) * bk * bn + 16 * bk * 2  # Triton 3.9: weight tile in stages-1 buffers, x tile once
         per_thread = bk * bn / (32 * warps)  # bytes of the fp8 weight tile; x2 once widened for tl.dot
         # >= one 16 B load a thread; <= 1 KB widened: 2 KB spilled 6.6 KB of stack (ptxas, sm_90; 1 KB: 186 regs)
-        if smem <= SMEM_BUDGET and 16 <= per_thread <= 512:
-            out.append(W8A16Config(16, bn, bk, warps, stages, split))
+        if smem <= SMEM_BUDGET and 16 <= per_thread <= 512 and (prefetch == 0 or prefetch * bk >= 128):
+            out.append(W8A16Config(16, bn, bk, warps, stages, split, preload, prefetch))
     random.Random(0).shuffle(out)
     return out
 
@@ -85,7 +89,8 @@ def applies(shape: str, cfg: W8A16Config) -> bool:
 
 
 def label(cfg: W8A16Config) -> str:
-    return f"BN{cfg.BLOCK_N} BK{cfg.BLOCK_K} w{cfg.num_warps} s{cfg.num_stages} sk{cfg.SPLIT_K}"
+    return (f"BN{cfg.BLOCK_N} BK{cfg.BLOCK_K} w{cfg.num_warps} s{cfg.num_stages} sk{cfg.SPLIT_K} pl{cfg.PRELOAD} "
+            f"pf{cfg.PREFETCH}")  # fmt: skip
 
 
 def _compile(cfgs: list[W8A16Config]) -> dict[W8A16Config, str]:
@@ -181,7 +186,7 @@ def is_cuda_failure(e: Exception) -> bool:
 
 def row(case: Case, kind: str, cfg: W8A16Config | None, us: float, nbytes: int, copies: int, launches: int,
         err: float, status: str, device: str) -> dict:  # fmt: skip
-    knobs = asdict(cfg) if cfg else dict.fromkeys(CSV_FIELDS[5:11], "")
+    knobs = asdict(cfg) if cfg else dict.fromkeys(KNOBS, "")
     programs = math.ceil(case.M / cfg.BLOCK_M) * math.ceil(case.N / cfg.BLOCK_N) * cfg.SPLIT_K if cfg else ""
     return dict(shape=case.shape, N=case.N, K=case.K, M=case.M, kind=kind, **knobs, programs=programs,
                 us=round(us, 3) if us == us else "", tb_s=round(nbytes / us / 1e6, 4) if us == us else "",
@@ -193,6 +198,12 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="runs/linear_fp8_sweep.csv", help="CSV of every timing")
     p.add_argument("--quick", action="store_true", help=f"the smaller grid {QUICK}")
+    p.add_argument("--preload", type=int_list, default=[0],
+                   help="PRELOAD values to sweep, comma-separated (1: the first weight tile into registers before "
+                        "the PDL wait; default 0)")  # fmt: skip
+    p.add_argument("--prefetch", type=int_list, default=[4],
+                   help="PREFETCH values to sweep, comma-separated (K steps prefetched into L2 before the PDL wait; "
+                        "default 4, the decode rows' value)")  # fmt: skip
     p.add_argument("--jobs", type=int, default=max(1, min(16, (os.cpu_count() or 2) - 1)),
                    help="compile processes (< 2: compile in this process, as each config is timed)")  # fmt: skip
     p.add_argument("--budget-s", type=float, default=210, help="start no new config after this many seconds")
@@ -206,7 +217,7 @@ def main() -> int:
     t_start = time.time()
     props = torch.cuda.get_device_properties(0)
     device, l2, sms = props.name, props.L2_cache_size, props.multi_processor_count
-    configs = sweep_configs(QUICK if args.quick else GRID)
+    configs = sweep_configs((QUICK if args.quick else GRID) | dict(PRELOAD=args.preload, PREFETCH=args.prefetch))
     print(f"{device}: {sms} SMs, L2 {l2 / 2**20:.0f} MiB; {len(configs)} configs x {len(MS)} M x {len(SHAPES)} shapes "
           f"(router: BLOCK_N=16 only); triton cache {os.environ.get('TRITON_CACHE_DIR', '~/.triton/cache')}",
           flush=True)  # fmt: skip
@@ -276,6 +287,10 @@ def main() -> int:
     return 0
 
 
+def int_list(text: str) -> list[int]:
+    return [int(v) for v in text.split(",")]
+
+
 def write_csv(path: Path, rows: list[dict]) -> None:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=CSV_FIELDS)
@@ -300,20 +315,20 @@ def report(rows: list[dict], torch_rows: list[dict], read_bw: float) -> None:
         (N, K, _), ceiling = SHAPES[shape], read_bw / 1e12
         print(f"\n{shape} N={N} K={K} M={M}: {N * K / 1e6:.1f} MB fp8; torch bf16 F.linear {ref['us']:.2f} µs "
               f"({ref['tb_s']:.2f} TB/s of {2 * N * K / 1e6:.1f} MB); read ceiling {ceiling:.2f} TB/s")  # fmt: skip
-        print(f"  {'':8} {'config':28} {'programs':>8} {'µs':>8} {'TB/s':>6} {'vs current':>10}")
+        print(f"  {'':8} {'config':38} {'programs':>8} {'µs':>8} {'TB/s':>6} {'vs current':>10}")
         for i, r in enumerate(top[:5]):
-            print(f"  {'#' + str(i + 1):8} {label(_cfg(r)):28} {r['programs']:>8} {r['us']:>8.2f} {r['tb_s']:>6.2f} "
+            print(f"  {'#' + str(i + 1):8} {label(_cfg(r)):38} {r['programs']:>8} {r['us']:>8.2f} {r['tb_s']:>6.2f} "
                   f"{cur['us'] / r['us'] if cur and cur['status'] == 'ok' else math.nan:>9.2f}x")  # fmt: skip
         if cur:
             us = f"{cur['us']:>8.2f} {cur['tb_s']:>6.2f}" if cur["status"] == "ok" else f"{cur['status']:>15}"
-            print(f"  {'current':8} {label(_cfg(cur)):28} {cur['programs']:>8} {us}")
+            print(f"  {'current':8} {label(_cfg(cur)):38} {cur['programs']:>8} {us}")
         if top and cur and cur["status"] == "ok":
             best = top[0]
             summary.append((shape, M, cur["us"], best["us"], label(_cfg(best)), cur["us"] / best["us"], ref["us"]))
 
-    print(f"\n{'shape':8} {'M':>3} {'current µs':>10} {'best µs':>8} {'best config':28} {'speedup':>7} {'bf16 µs':>8}")
+    print(f"\n{'shape':8} {'M':>3} {'current µs':>10} {'best µs':>8} {'best config':38} {'speedup':>7} {'bf16 µs':>8}")
     for shape, M, cur, best, cfg, speedup, bf16 in summary:
-        print(f"{shape:8} {M:>3} {cur:>10.2f} {best:>8.2f} {cfg:28} {speedup:>6.2f}x {bf16:>8.2f}")
+        print(f"{shape:8} {M:>3} {cur:>10.2f} {best:>8.2f} {cfg:38} {speedup:>6.2f}x {bf16:>8.2f}")
     step_rows(rows, timed)
 
 

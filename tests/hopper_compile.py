@@ -4,12 +4,14 @@ Triton's wheel carries ptxas, so a kernel can go all the way to a cubin without 
 what the interpreter cannot: code the GPU compiler rejects, and which instructions (wgmma) it picks.
 Every variant is compiled twice: as a plain launch, and as a PDL launch (USE_PDL=True, launch_pdl=True;
 see moetune/kernels/pdl.py), whose PTX must wait (griddepcontrol.wait) before its global memory accesses.
+Registers and spills come from the cubin (the wheel's cuobjdump -res-usage).
 Run as a script with TRITON_INTERPRET unset (the interpreter replaces kernels with Python objects);
 prints one JSON object per kernel variant.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -73,6 +75,21 @@ def compile_for_hopper(kernel, types: dict[str, str], constexprs: dict, num_warp
     return triton.compile(src, target=HOPPER, options=dict(num_warps=num_warps, num_stages=num_stages, launch_pdl=pdl))
 
 
+CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+
+
+def resources(cubin: bytes) -> dict:
+    """Registers a thread, and bytes of stack and local memory (spills) from the cubin; {} without cuobjdump."""
+    if not CUOBJDUMP.exists():
+        return {}
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([str(CUOBJDUMP), "-res-usage", f.name], capture_output=True, text=True).stdout
+    m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", out)
+    return dict(regs=int(m.group(1)), stack=int(m.group(2)), local=int(m.group(3))) if m else {}
+
+
 GLOBAL_ACCESS = re.compile(r"\b(ld\.global|st\.global|cp\.async\.[a-z]+\.shared\.global|atom\.|red\.)")
 
 
@@ -83,21 +100,7 @@ def pdl_facts(ptx: str) -> dict:
     wait = ptx.find("griddepcontrol.wait")
     before = [m.group(1) for m in GLOBAL_ACCESS.finditer(ptx[: max(wait, 0)])]
     return dict(gdc_wait=wait >= 0, gdc_launch="griddepcontrol.launch_dependents" in ptx, before_wait=before,
-                global_loads=ptx.count("ld.global"))
-
-
-def resources(cubin: bytes) -> dict:
-    """Registers a thread and stack bytes (ptxas spills to the stack) of the compiled kernel, as
-    cuobjdump reads them from the cubin; {} where the Triton wheel carries no cuobjdump."""
-    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    if not tool.exists():
-        return {}
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        usage = subprocess.run([str(tool), "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
-    found = re.search(r"REG:(\d+) STACK:(\d+)", usage)
-    return dict(regs=int(found.group(1)), stack=int(found.group(2))) if found else {}
+                global_loads=ptx.count("ld.global"), prefetch_before_wait=ptx[: max(wait, 0)].count("prefetch.global"))
 
 
 def gemm_variants():
@@ -189,13 +192,17 @@ def other_variants():
                     WRITE_CACHE=True, INTERPRETED=False), 4, 1)  # fmt: skip
     split = linear_fp8.W8A16Config(BLOCK_M=16, BLOCK_N=64, BLOCK_K=256, num_warps=4, num_stages=4, SPLIT_K=4)
     default = linear_fp8.default_w8a16_config
-    for name, cfg in (("small-M", default(1, 4096)), ("mid-M", default(64, 4096)), ("large-M", default(512, 4096)),
+    small = default(1, 4096)  # the decode row: each program's K-slice prefetched into L2 before the wait
+    for name, cfg in (("small-M", small), ("small-M/plain", dataclasses.replace(small, PREFETCH=0)),
+                      ("small-M/preload", dataclasses.replace(small, PRELOAD=1, PREFETCH=0)),
+                      ("router", default(1, 8)), ("mid-M", default(64, 4096)), ("large-M", default(512, 4096)),
                       ("split-K", split)):  # fmt: skip
         yield (f"linear_w8a16/{name}", linear_fp8._w8a16_kernel,
                {"x_ptr": "*bf16", "w_ptr": "*fp8e4nv", "scale_ptr": "*fp32", "out_ptr": "*bf16", "part_ptr": "*fp32",
                 "count_ptr": "*i32"},
-               dict(BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, SPLIT_K=cfg.SPLIT_K, UPCAST_DOT=False,
-                    INTERPRETED=False), cfg.num_warps, cfg.num_stages)  # fmt: skip
+               dict(BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, SPLIT_K=cfg.SPLIT_K,
+                    PRELOAD=cfg.PRELOAD, PREFETCH=cfg.PREFETCH, UPCAST_DOT=False, INTERPRETED=False),
+               cfg.num_warps, cfg.num_stages)  # fmt: skip
 
 
 def main() -> None:
@@ -209,7 +216,7 @@ def main() -> None:
                 k = compile_for_hopper(kernel, types, consts, warps, stages, pdl)
                 ptx = k.asm["ptx"]
                 row = dict(name=full, ok=True, shared=k.metadata.shared, wgmma="wgmma" in ptx,
-                           cp_async="cp.async" in ptx, stages=stages, launch_pdl=k.metadata.launch_pdl,
+                           cp_async="cp.async" in ptx, stages=stages, warps=warps, launch_pdl=k.metadata.launch_pdl,
                            acq_rel="atom.global.gpu.acq_rel" in ptx, cg_loads=ptx.count("ld.global.cg"),
                            **pdl_facts(ptx), **resources(k.asm["cubin"]))  # fmt: skip
             except Exception as e:  # reported, not raised: the test names every kernel that fails

@@ -52,9 +52,9 @@ def test_gemm_weight_loads_are_software_pipelined(compiled):
 
 def test_w8a16_weight_loads_are_software_pipelined_with_and_without_split_k(compiled):
     """BLOCK_M=16 x tile once, weight tiles in num_stages - 1 buffers (measured layout of Triton 3.9's pipeliner)."""
-    for name in ("small-M", "split-K"):
+    for name in ("small-M", "small-M/preload", "split-K"):  # preload: the K loop after the peeled step too
         r = compiled[f"linear_w8a16/{name}"]
-        bn, bk = (32, 256) if name == "small-M" else (64, 256)
+        bn, bk = (64, 256) if name == "split-K" else (32, 256)
         assert r["cp_async"] and r["shared"] >= (r["stages"] - 1) * bk * bn, f"{name}: weight loads not multi-buffered"
 
 
@@ -76,17 +76,47 @@ def test_decode_attention_at_batch_1_does_not_spill(compiled):
 
 def test_pdl_variants_wait_before_any_global_access_and_keep_the_pipeline(compiled):
     """USE_PDL=True: griddepcontrol.wait, then launch_dependents; no global load, store or atomic laid out
-    before the wait but the fused norm's weight row and the decode router's weight (loaded before it on purpose, moetune/kernels/pdl.py);
-    shared memory, cp.async and wgmma as without PDL. Without USE_PDL, no griddepcontrol at all."""
+    before the wait but the fused norm's weight row, the decode router's weight and the w8a16 weight tile with
+    PRELOAD=1 (loaded before it on purpose, moetune/kernels/pdl.py); shared memory, cp.async and wgmma as
+    without PDL. Without USE_PDL, no griddepcontrol at all."""
     pdl = {name.removesuffix("/pdl"): r for name, r in compiled.items() if name.endswith("/pdl")}
     assert pdl.keys() == {name for name in compiled if not name.endswith("/pdl")}
     for name, r in pdl.items():
         base = compiled[name]
         assert r["launch_pdl"] and r["gdc_wait"] and r["gdc_launch"], name
         assert not (base["launch_pdl"] or base["gdc_wait"] or base["gdc_launch"]), name
-        allowed = {"ld.global"} if name.startswith(("add_rms_norm/", "route_decode/")) else set()
+        allowed = {"ld.global"} if name.startswith(("add_rms_norm/", "route_decode/", "linear_w8a16/small-M/preload"))\
+            else set()  # fmt: skip
         assert set(r["before_wait"]) <= allowed, (name, r["before_wait"])
         assert {k: r[k] for k in ("shared", "cp_async", "wgmma")} == {k: base[k] for k in ("shared", "cp_async", "wgmma")}
     for dtype in ("bf16", "fp16"):  # of its three row loads (weight, x, residual), only the weight's
         r = compiled[f"add_rms_norm/{dtype}/pdl"]
         assert 0 < len(r["before_wait"]) <= r["global_loads"] / 3, r
+
+
+def test_w8a16_fetches_weights_before_the_pdl_wait_as_configured(compiled):
+    """The decode rows prefetch each program's K-slice into L2 before the wait (one 128-byte line per element:
+    32 rows x 1 KB over 128 threads = 2 a thread); PRELOAD=1 loads one weight tile (32 x 256 B: four 16-byte
+    loads a thread) and the scales; the large-M rows fetch nothing early."""
+    for name, prefetches, loads in (("small-M", 2, 0), ("router", 1, 0), ("small-M/plain", 0, 0),
+                                    ("small-M/preload", 0, 5), ("mid-M", 0, 0), ("large-M", 0, 0)):  # fmt: skip
+        r = compiled[f"linear_w8a16/{name}/pdl"]
+        assert (r["prefetch_before_wait"], len(r["before_wait"])) == (prefetches, loads), name
+
+
+def test_w8a16_spills_nothing_and_decode_programs_fit_one_wave(compiled):
+    """No w8a16 variant uses local memory or a stack frame. The decode row's programs fit the SMs at once:
+    qkv at M=1 is 6144 / 32 x SPLIT_K 4 = 768 programs over 132 SMs, so it needs 6 an SM. Measured (triton 3.9,
+    ptxas sm_90): 64 registers with or without the L2 prefetch (8 an SM); PRELOAD=1 takes 89 under PDL (5 an SM:
+    660 < 768, a second wave), which is why the decode rows do not preload."""
+    rows = {n: r for n, r in compiled.items() if n.startswith("linear_w8a16/")}
+    if not all("regs" in r for r in rows.values()):
+        pytest.skip("no cuobjdump in this Triton build")
+    assert all(r["stack"] == 0 and r["local"] == 0 for r in rows.values()), rows
+
+    def per_sm(r):  # registers are allocated 8 a thread at a time; 1 KB of shared memory is reserved a block
+        regs = -(-r["regs"] // 8) * 8 * 32 * r["warps"]
+        return min(65536 // regs, 233472 // (r["shared"] + 1024), 2048 // (32 * r["warps"]), 32)
+
+    assert 132 * per_sm(rows["linear_w8a16/small-M/pdl"]) >= 768
+    assert rows["linear_w8a16/small-M/pdl"]["regs"] <= rows["linear_w8a16/small-M/plain/pdl"]["regs"]

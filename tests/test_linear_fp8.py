@@ -80,7 +80,8 @@ def test_tile_counters_grow_and_keep_the_old_buffer_alive():
     assert any(t is small for t in splitk._retired)  # a captured graph may still point at it
 
 
-@pytest.mark.parametrize("cfg", [W8A16Config(16, 64, 64, 2, 5), W8A16Config(32, 16, 128, 8, 2, SPLIT_K=2)])
+@pytest.mark.parametrize("cfg", [W8A16Config(16, 64, 64, 2, 5), W8A16Config(32, 16, 128, 8, 2, SPLIT_K=2),
+                                 W8A16Config(16, 32, 128, 4, 3, SPLIT_K=2, PRELOAD=1, PREFETCH=2)])  # fmt: skip
 def test_w8a16_launches_with_the_given_config(cfg, monkeypatch):
     launches = []
     real = linear_fp8._w8a16_kernel.run
@@ -88,28 +89,66 @@ def test_w8a16_launches_with_the_given_config(cfg, monkeypatch):
     x, wq, scale, ref = _poisoned_case(5, 100, 160, torch.bfloat16, monkeypatch)
     torch.testing.assert_close(linear_w8a16(x, wq, scale, cfg).float(), ref, atol=8e-3 * 160**0.5, rtol=8e-3)
     (kw,) = launches
-    assert (kw["num_warps"], kw["num_stages"], kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], kw["SPLIT_K"]) == (
-        cfg.num_warps, cfg.num_stages, cfg.BLOCK_M, cfg.BLOCK_N, cfg.BLOCK_K, cfg.SPLIT_K)  # fmt: skip
+    assert (kw["num_warps"], kw["num_stages"], kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], kw["SPLIT_K"], kw["PRELOAD"],
+            kw["PREFETCH"]) == (cfg.num_warps, cfg.num_stages, cfg.BLOCK_M, cfg.BLOCK_N, cfg.BLOCK_K, cfg.SPLIT_K,
+                                cfg.PRELOAD, cfg.PREFETCH)  # fmt: skip
     assert kw["grid"] == (1, -(-100 // cfg.BLOCK_N), cfg.SPLIT_K)  # M=5: one row block
 
 
 def test_default_configs_split_k_at_decode_sizes_and_keep_the_tiles_above():
-    """M <= 16: the sweep's winners (split-K, the router its own row); above, the launches before the sweep."""
-    assert default_w8a16_config(1, 8) == W8A16Config(16, 16, 128, 4, num_stages=4, SPLIT_K=8)
+    """M <= 16: the sweep's winners (split-K, the router its own row), each program's K-slice prefetched into L2
+    before the PDL wait; above, the launches before the sweep, with nothing fetched before the wait."""
+    assert default_w8a16_config(1, 8) == W8A16Config(16, 16, 128, 4, num_stages=4, SPLIT_K=8, PREFETCH=4)
     for M in (1, 16):
-        assert default_w8a16_config(M, 6144) == W8A16Config(16, 32, 256, 4, num_stages=3, SPLIT_K=4)
+        assert default_w8a16_config(M, 6144) == W8A16Config(16, 32, 256, 4, num_stages=3, SPLIT_K=4, PREFETCH=4)
     for M, blocks in ((17, (64, 64, 128, 4)), (64, (64, 64, 128, 4)), (65, (64, 128, 64, 8)), (8192, (64, 128, 64, 8))):
         c = default_w8a16_config(M, 4096)
         assert default_w8a16_config(M, 8) == c
         assert (c.BLOCK_M, c.BLOCK_N, c.BLOCK_K, c.num_warps, c.num_stages, c.SPLIT_K) == (*blocks, 3, 1)
+        assert (c.PRELOAD, c.PREFETCH) == (0, 0)
 
 
 @pytest.mark.parametrize("bad", [dict(BLOCK_K=8), dict(BLOCK_N=48), dict(SPLIT_K=0), dict(SPLIT_K=3),
-                                 dict(num_warps=2.0), dict(num_stages=0)])  # fmt: skip
+                                 dict(num_warps=2.0), dict(num_stages=0), dict(PRELOAD=2), dict(PRELOAD=True),
+                                 dict(PREFETCH=3), dict(PREFETCH=-1), dict(PREFETCH=1, BLOCK_K=64)])  # fmt: skip
 def test_w8a16_config_names_the_bad_knob(bad):
     knobs = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, num_warps=4) | bad
     with pytest.raises(MoetuneError, match=next(iter(bad))):
         W8A16Config(**knobs)
+
+
+# (M, N, K, dtype, BLOCK_K, SPLIT_K): K-slices (splitk.k_slice) of whole BLOCK_K steps but the last
+PRELOAD_CASES = [
+    (1, 40, 64, torch.bfloat16, 64, 1),  # one K step: the peeled step is all of K, the loop runs none
+    (1, 33, 40, torch.float16, 64, 1),  # K < BLOCK_K: the peeled step is masked in K
+    (16, 70, 200, torch.bfloat16, 32, 1),  # K = 6.25 steps, M = 16 rows of one block
+    (1, 129, 200, torch.bfloat16, 32, 4),  # slices of 2 steps, the last one ragged
+    (5, 70, 200, torch.float16, 32, 8),  # 7 steps over 8 slices: one empty slice, preloading nothing
+    (16, 33, 128, torch.float32, 32, 4),  # slices of exactly one step: the loop runs none
+    (3, 48, 96, torch.float32, 16, 2),  # float32 activations (the "ieee" dot)
+]
+
+
+@pytest.mark.parametrize(("M", "N", "K", "dtype", "block_k", "split_k"), PRELOAD_CASES)
+def test_w8a16_weights_fetched_before_the_wait_give_the_same_bits(M, N, K, dtype, block_k, split_k, monkeypatch):
+    """PRELOAD (the first K step's weight tile in registers, peeled off the K loop) and PREFETCH (K steps into L2,
+    a hint: not run under the interpreter) change no dot and no summation order: every variant of a config
+    gives the bits of PRELOAD=0 PREFETCH=0, and matches float32 on a poisoned output."""
+    x, wq, scale, ref = _poisoned_case(M, N, K, dtype, monkeypatch)
+    counters = splitk.tile_counters(x.device, 1)
+    outs = {}
+    pf = max(4, 128 // block_k)  # >= 128 bytes a row
+    for preload, prefetch in ((0, 0), (1, 0), (0, pf), (1, pf)):
+        cfg = W8A16Config(BLOCK_M=16, BLOCK_N=16, BLOCK_K=block_k, num_warps=4, num_stages=3, SPLIT_K=split_k,
+                          PRELOAD=preload, PREFETCH=prefetch)  # fmt: skip
+        out = outs[(preload, prefetch)] = linear_w8a16(x, wq, scale, cfg)
+        assert out.dtype == dtype and out.shape == (M, N) and torch.isfinite(out).all()
+        torch.testing.assert_close(out.float(), ref, atol=TOL[dtype] * K**0.5, rtol=TOL[dtype])
+        assert not counters.any()
+    base = outs.pop((0, 0))
+    for knobs, out in outs.items():
+        assert torch.equal(out.view(torch.int16 if dtype != torch.float32 else torch.int32),
+                           base.view(torch.int16 if dtype != torch.float32 else torch.int32)), knobs  # fmt: skip
 
 
 def test_fp8_dense_logits_against_the_bf16_model(tiny_checkpoint):

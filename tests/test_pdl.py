@@ -2,7 +2,8 @@
 
 The rule cannot be exercised on a CPU (the interpreter runs programs one after another), so it is checked on
 the kernels' source: `wait_previous(USE_PDL)` is a top-level statement of every kernel, and
-nothing before it returns, stores, runs an atomic, or loads through a pointer other than a declared weight,
+nothing before it returns, stores, runs an atomic or inline asm that touches memory (a prefetch may), or loads
+through a pointer other than a declared weight (followed through the local variables it is computed from),
 also inside the @triton.jit helpers it calls. The checker is shown to catch each kind of violation. That the
 compiled sm_90 code waits before its first global access is tests/test_hopper_compile.py's part; on a Hopper
 GPU, tests/test_pdl_gpu.py runs it (PDL on and off must give the same bits).
@@ -13,6 +14,7 @@ from __future__ import annotations
 import ast
 import inspect
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -42,7 +44,9 @@ from moetune.kernels.pdl import wait_previous
 KERNEL_MODULES = (activation, attention, linear_fp8, moe_gemm, moe_gemm_silu, moe_gemv, norm, rope, route_decode,
                   routing)  # fmt: skip
 # pointers a kernel may load before its wait: nothing in a decode step writes them
-WEIGHT_POINTERS = {"_add_rms_norm_kernel": {"w_ptr"}, "_route_decode_kernel": {"gate_ptr", "norm_w_ptr"}}
+WEIGHT_POINTERS = {"_add_rms_norm_kernel": {"w_ptr"}, "_route_decode_kernel": {"gate_ptr", "norm_w_ptr"},
+                   "_w8a16_kernel": {"w_ptr", "scale_ptr"}}  # fmt: skip
+MEMORY_ASM = re.compile(r"\b(ld|st|atom|red|cp|tensormap)\.")  # PTX that reads or writes memory; prefetch does not
 
 
 def is_jit(obj) -> bool:
@@ -151,9 +155,34 @@ def is_wait(stmt: ast.stmt) -> bool:
             and [ast.unparse(a) for a in call.args] == ["USE_PDL"])  # fmt: skip
 
 
-def accesses(node: ast.AST, scope: dict, weights: set[str], in_kernel: bool = True) -> list[str]:
-    """What under node may not precede the wait: the kernel's returns, every store and atomic, loads except
-    through `weights`, and any access inside a @triton.jit helper called there."""
+def local_sources(stmts: list[ast.stmt]) -> dict[str, set[str]]:
+    """name -> the names its assignments in stmts read (`x_ptrs = x_ptr + ...`, `x_ptrs += BLOCK_K`)."""
+    found: dict[str, set[str]] = {}
+    for n in (n for s in stmts for n in ast.walk(s)):
+        if isinstance(n, ast.Assign | ast.AugAssign | ast.AnnAssign) and n.value is not None:
+            read = {x.id for x in ast.walk(n.value) if isinstance(x, ast.Name)}
+            for target in n.targets if isinstance(n, ast.Assign) else [n.target]:
+                for name in (x.id for x in ast.walk(target) if isinstance(x, ast.Name)):
+                    found.setdefault(name, set()).update(read)
+    return found
+
+
+def pointers(expr: ast.AST, sources: dict[str, set[str]]) -> set[str]:
+    """The kernel's pointer parameters (named *_ptr) that expr is computed from, through local variables."""
+    seen, todo = set(), [x.id for x in ast.walk(expr) if isinstance(x, ast.Name)]
+    while todo:
+        name = todo.pop()
+        if name not in seen:
+            seen.add(name)
+            todo += sources.get(name, ())
+    return {name for name in seen if name.endswith("_ptr")}
+
+
+def accesses(node: ast.AST, scope: dict, weights: set[str], in_kernel: bool = True,
+             sources: dict[str, set[str]] | None = None) -> list[str]:  # fmt: skip
+    """What under node may not precede the wait: the kernel's returns, every store and atomic, inline asm that
+    touches memory, loads except through `weights` (traced through `sources`, the locals' assignments), and
+    any such access, loads all included, inside a @triton.jit helper called there."""
     found = []
     for n in ast.walk(node):
         if isinstance(n, ast.Return) and in_kernel:
@@ -162,11 +191,14 @@ def accesses(node: ast.AST, scope: dict, weights: set[str], in_kernel: bool = Tr
             continue
         f = n.func
         if isinstance(f, ast.Attribute) and ast.unparse(f.value) == "tl" and f.attr in ("load", "store"):
-            ptrs = {x.id for x in ast.walk(n.args[0]) if isinstance(x, ast.Name) and x.id.endswith("_ptr")}
-            if f.attr == "store" or not ptrs <= weights:
+            if f.attr == "store" or not in_kernel or not pointers(n.args[0], sources or {}) <= weights:
                 found.append(ast.unparse(n)[:60])
         elif isinstance(f, ast.Attribute) and ast.unparse(f.value) == "tl" and f.attr.startswith("atomic_"):
             found.append(ast.unparse(n)[:60])
+        elif isinstance(f, ast.Attribute) and ast.unparse(f.value) == "tl" and f.attr == "inline_asm_elementwise":
+            asm = n.args[0] if n.args else next(k.value for k in n.keywords if k.arg == "asm")
+            if not isinstance(asm, ast.Constant) or MEMORY_ASM.search(str(asm.value)):
+                found.append(ast.unparse(n)[:60])
         elif isinstance(f, ast.Name) and is_jit(scope.get(f.id)) and scope[f.id] is not wait_previous:
             helper = scope[f.id]
             found += [f"{f.id}: {a}" for a in accesses(fn_ast(helper), helper.fn.__globals__, set(), False)]
@@ -183,7 +215,9 @@ def violations(kernel, weights: set[str] = frozenset()) -> list[str]:
     waits = [i for i, stmt in enumerate(body) if is_wait(stmt)]
     if len(waits) != 1:
         return [f"{len(waits)} top-level wait_previous(USE_PDL) statements, not one"]
-    return [f"before the wait: {a}" for s in body[: waits[0]] for a in accesses(s, kernel.fn.__globals__, weights)]
+    before, scope = body[: waits[0]], kernel.fn.__globals__
+    sources = local_sources(before)
+    return [f"before the wait: {a}" for s in before for a in accesses(s, scope, weights, sources=sources)]
 
 
 def test_wait_previous_waits_then_lets_the_next_grid_launch():
@@ -239,9 +273,51 @@ def _helper_writes_first(x_ptr, USE_PDL: tl.constexpr):
 
 
 @triton.jit
+def _loads_activation_through_a_local_first(x_ptr, w_ptr, USE_PDL: tl.constexpr):
+    offs = tl.arange(0, 16)
+    x_ptrs = x_ptr + offs
+    x_ptrs += 16
+    x = tl.load(x_ptrs)
+    wait_previous(USE_PDL)
+    tl.store(x_ptrs, x * tl.load(w_ptr + offs))
+
+
+@triton.jit
+def _load(p):
+    return tl.load(p)
+
+
+@triton.jit
+def _loads_through_a_helper_first(x_ptr, w_ptr, USE_PDL: tl.constexpr):
+    x = _load(x_ptr + tl.arange(0, 16))
+    wait_previous(USE_PDL)
+    tl.store(x_ptr + tl.arange(0, 16), x)
+
+
+@triton.jit
+def _asm_load(p):
+    return tl.inline_asm_elementwise("ld.global.b32 $0, [$1];", "=r,l", [p], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def _asm_loads_first(x_ptr, USE_PDL: tl.constexpr):
+    x = _asm_load(x_ptr + tl.arange(0, 16))
+    wait_previous(USE_PDL)
+    tl.store(x_ptr + tl.arange(0, 16), x)
+
+
+@triton.jit
+def _prefetch(p):
+    return tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [p], dtype=tl.int32,
+                                     is_pure=False, pack=1)  # fmt: skip
+
+
+@triton.jit
 def _keeps_the_rule(x_ptr, w_ptr, USE_PDL: tl.constexpr):
     offs = tl.arange(0, 16)
-    w = tl.load(w_ptr + offs)
+    w_ptrs = w_ptr + offs
+    w = tl.load(w_ptrs)
+    _prefetch(x_ptr + offs)  # a prefetch touches no memory a program sees: allowed on anything
     wait_previous(USE_PDL)
     tl.store(x_ptr + offs, tl.load(x_ptr + offs) * w)
 
@@ -249,6 +325,8 @@ def _keeps_the_rule(x_ptr, w_ptr, USE_PDL: tl.constexpr):
 @pytest.mark.parametrize("bad, why", [
     (_writes_first, "tl.store"), (_loads_activation_first, "tl.load(x_ptr"), (_waits_in_some_programs, "0 top-level"),
     (_returns_before_waiting, "return"), (_helper_writes_first, "_zero: tl.atomic_xchg"),
+    (_loads_activation_through_a_local_first, "tl.load(x_ptrs)"), (_loads_through_a_helper_first, "_load: tl.load"),
+    (_asm_loads_first, "_asm_load: tl.inline_asm"),
 ])  # fmt: skip
 def test_checker_catches_each_kind_of_violation(bad, why):
     found = violations(bad, {"w_ptr"})

@@ -10,7 +10,8 @@ The safety rule, for every kernel launched with launch_pdl=True (USE_PDL=True, `
 * every program calls `wait_previous` unconditionally, at the top level of the kernel, before its first
   load of anything an earlier kernel may write (activations, routing, KV cache, counters) and before its
   first store or atomic (a store could race with the previous kernel still reading it). Only index math,
-  pointer setup and loads of weights and scales (nothing in a step writes them) may come before it.
+  pointer setup, loads of weights and scales (nothing in a step writes them) and L2 prefetches (a hint that
+  returns no data: L2 is where the previous kernel's writes land) may come before it.
   Unconditional, early-return paths included, because waits chain: kernel N+1's wait covers kernel N-1
   only through kernel N's wait (N could complete before N-1 if all its programs skipped theirs).
 * `wait_previous` then lets the next kernel launch early: safe, since that kernel's own wait still waits
