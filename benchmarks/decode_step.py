@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import gc
 import json
 import os
@@ -30,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel module is imported
 
-from moetune.kernels import activation, fused_moe, pdl  # noqa: E402
+from moetune.kernels import activation, fused_moe, linear_fp8, pdl  # noqa: E402
 from moetune.kernels.norm import add_rms_norm, add_rms_norm_reference  # noqa: E402
 from moetune.kernels.rope import rope_and_cache, rope_and_cache_reference  # noqa: E402
 from moetune.runtime import EngineConfig, LLMEngine  # noqa: E402
@@ -56,6 +57,8 @@ KERNEL_SWITCHES = {
     "fold_sum": (fused_moe, "FOLD_TOPK_SUM", True, False),  # GEMM2 adds each token's slots (no topk_sum)
     "silu_one_pass": (activation, "ROW_PASS_MAX_FEW_ROWS", activation.ROW_PASS_MAX_FEW_ROWS, 0),  # 1 launch, not 3
     "fold_norm": (fused_moe, "FOLD_NORM", True, False),  # post-attention add + RMSNorm inside route_decode
+    "dense_prefetch": (linear_fp8, "DEFAULT_CONFIGS", linear_fp8.DEFAULT_CONFIGS,  # w8a16 weights into L2 pre-wait
+                       tuple((m, n, dataclasses.replace(c, PREFETCH=0)) for m, n, c in linear_fp8.DEFAULT_CONFIGS)),
 }
 
 
@@ -214,7 +217,8 @@ def main() -> int:
     b1(eng, "  same, PDL off again (drift check)", True, 0, router=True, use_pdl=False, **old)
     on: dict[str, bool] = {}
     for name, label in (("fold_sum", "+ top-k sum folded into GEMM2"), ("silu_one_pass", "+ one-pass SiLU at decode"),
-                        ("fold_norm", "+ add+RMSNorm inside the router")):  # fmt: skip
+                        ("fold_norm", "+ add+RMSNorm inside the router"),
+                        ("dense_prefetch", "+ dense weights into L2 before the PDL wait")):  # fmt: skip
         on[name] = True
         b1(eng, label, True, 0, router=True, use_pdl=True, **(old | on))
     b1(eng, "  same, this session's folds off (drift check)", True, 0, router=True, use_pdl=True, **old)

@@ -10,14 +10,15 @@ from pathlib import Path
 import pytest
 from conftest import DEVICE
 
-from moetune.kernels import activation, fused_moe
+from moetune.kernels import activation, fused_moe, linear_fp8
 from moetune.runtime import EngineConfig, LLMEngine
 
 
 @pytest.fixture(autouse=True)
 def restore_kernel_switches(monkeypatch):
     """set_options writes module switches (KERNEL_SWITCHES); each test gets them back as they were."""
-    for module, attr in ((fused_moe, "FOLD_TOPK_SUM"), (fused_moe, "FOLD_NORM"), (activation, "ROW_PASS_MAX_FEW_ROWS")):
+    for module, attr in ((fused_moe, "FOLD_TOPK_SUM"), (fused_moe, "FOLD_NORM"), (activation, "ROW_PASS_MAX_FEW_ROWS"),
+                         (linear_fp8, "DEFAULT_CONFIGS")):  # fmt: skip
         monkeypatch.setattr(module, attr, getattr(module, attr))
 
 
