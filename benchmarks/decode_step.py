@@ -52,13 +52,16 @@ VIEW_OPS = {"view", "_unsafe_view", "reshape", "split", "split_with_sizes", "sli
             "empty_strided", "unbind", "chunk", "narrow", "_reshape_alias", "lift_fresh"}  # fmt: skip
 
 
-# The third session's decode folds, module switches read at every launch: name -> (module, attribute, on, off)
+# The third session's decode changes, module switches read at every launch:
+# name -> (module, attribute, value on, value off, on by default)
 KERNEL_SWITCHES = {
-    "fold_sum": (fused_moe, "FOLD_TOPK_SUM", True, False),  # GEMM2 adds each token's slots (no topk_sum)
-    "silu_one_pass": (activation, "ROW_PASS_MAX_FEW_ROWS", activation.ROW_PASS_MAX_FEW_ROWS, 0),  # 1 launch, not 3
-    "fold_norm": (fused_moe, "FOLD_NORM", True, False),  # post-attention add + RMSNorm inside route_decode
-    "dense_prefetch": (linear_fp8, "DEFAULT_CONFIGS", linear_fp8.DEFAULT_CONFIGS,  # w8a16 weights into L2 pre-wait
-                       tuple((m, n, dataclasses.replace(c, PREFETCH=0)) for m, n, c in linear_fp8.DEFAULT_CONFIGS)),
+    "fold_sum": (fused_moe, "FOLD_TOPK_SUM", True, False, True),  # GEMM2 adds each token's slots (no topk_sum)
+    "silu_one_pass": (activation, "ROW_PASS_MAX_FEW_ROWS", activation.ROW_PASS_MAX_FEW_ROWS, 0, True),  # 1 launch
+    "fold_norm": (fused_moe, "FOLD_NORM", True, False, True),  # post-attention add + RMSNorm inside route_decode
+    # w8a16 weights into L2 before the PDL wait (PREFETCH=4 at M <= 16): measured slower, so off by default
+    "dense_prefetch": (linear_fp8, "DEFAULT_CONFIGS", tuple((m, n, dataclasses.replace(c, PREFETCH=4) if m <= 16 else c)
+                                                            for m, n, c in linear_fp8.DEFAULT_CONFIGS),
+                       linear_fp8.DEFAULT_CONFIGS, False),
 }
 
 
@@ -66,10 +69,10 @@ def set_options(engine: LLMEngine, fused: bool, partition: int, router: bool = T
                 use_pdl: bool = pdl.DEFAULT, **switches: bool) -> None:  # fmt: skip
     """Switch every layer's norm/rope functions, attention partition size and MoE router (one launch with
     routing, or F.linear before it), PDL for every launch (on only where the GPU has it; default:
-    MOETUNE_PDL's choice) and the KERNEL_SWITCHES (each on unless given False), then re-capture the graphs."""
+    MOETUNE_PDL's choice) and the KERNEL_SWITCHES (each at its default unless given), then re-capture the graphs."""
     pdl.set_enabled(use_pdl)
-    for name, (module, attr, on, off) in KERNEL_SWITCHES.items():
-        setattr(module, attr, on if switches.pop(name, True) else off)
+    for name, (module, attr, on, off, default) in KERNEL_SWITCHES.items():
+        setattr(module, attr, on if switches.pop(name, default) else off)
     if switches:
         raise ValueError(f"unknown switches {sorted(switches)}; known: {sorted(KERNEL_SWITCHES)}")
     for m in engine.runner.model.modules():
@@ -136,12 +139,12 @@ def count_launches(engine: LLMEngine, context_len: int) -> dict[str, int]:
     return {"total": sum(counts.values()), "torch_ops": torch_n, "triton": sum(counts.values()) - torch_n}
 
 
-def step_profile(engine: LLMEngine, context_len: int) -> tuple[list[dict], list[dict]]:
-    """torch.profiler over 3 eager batch-1 decode steps: device ms per step and launches per category,
+def step_profile(engine: LLMEngine, context_len: int, batch: int = 1) -> tuple[list[dict], list[dict]]:
+    """torch.profiler over 3 eager decode steps at `batch`: device ms per step and launches per category,
     and per kernel name (the 25 costliest: where the next change should go)."""
     from torch.profiler import ProfilerActivity, profile
 
-    inputs = _decode_inputs(engine, 1, context_len)
+    inputs = _decode_inputs(engine, batch, context_len)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     with torch.inference_mode():
         engine.runner._decode_eager(*inputs)  # warm-up
@@ -191,7 +194,7 @@ def main() -> int:
         row = {"option": name, "dense": engine.config.dense_dtype, "fused_norm_rope": fused,
                "partition_tokens": partition or "auto", "fused_router": router,
                "pdl": pdl.launch_kwargs(engine.runner.device)["launch_pdl"], "tok_s": tok_s(engine, 1),
-               **{k: switches.get(k, True) for k in KERNEL_SWITCHES}}  # fmt: skip
+               **{k: switches.get(k, v[4]) for k, v in KERNEL_SWITCHES.items()}}  # fmt: skip
         results["decode_b1"].append(row)
         print(f"  {name:<44} {row['tok_s']:8.1f} tok/s", flush=True)
 
@@ -218,13 +221,14 @@ def main() -> int:
     on: dict[str, bool] = {}
     for name, label in (("fold_sum", "+ top-k sum folded into GEMM2"), ("silu_one_pass", "+ one-pass SiLU at decode"),
                         ("fold_norm", "+ add+RMSNorm inside the router"),
-                        ("dense_prefetch", "+ dense weights into L2 before the PDL wait")):  # fmt: skip
+                        ("dense_prefetch", "  + dense weights into L2 before the wait (not default)")):  # fmt: skip
         on[name] = True
         b1(eng, label, True, 0, router=True, use_pdl=True, **(old | on))
     b1(eng, "  same, this session's folds off (drift check)", True, 0, router=True, use_pdl=True, **old)
-    set_options(eng, True, 0)  # the defaults: one-launch router, PDL where the GPU has it, every fold
+    set_options(eng, True, 0)  # the defaults: one-launch router, PDL where the GPU has it, the folds, no prefetch
     results["launches"]["this session's defaults"] = count_launches(eng, ctx)
     results["profile"], results["kernels"] = step_profile(eng, ctx)
+    results["profile_big"], results["kernels_big"] = step_profile(eng, ctx, max(batches))
     for b in batches:
         results["batch"].append({"batch": b, "tok_s": tok_s(eng, b)})
     prompt = fixed_prompt(prompt_len, eng.spec.vocab_size, seed=1)
@@ -250,9 +254,12 @@ def main() -> int:
     print(f"{'part':<40} {'ms':>8} {'launches':>9}")
     for r in results["profile"]:
         print(f"{r['part']:<40} {r['ms']:>8.3f} {r['launches']:>9}")
-    print(f"\n{'kernel (costliest per step)':<70} {'us':>8} {'launches':>9} {'us each':>8}")
-    for r in results["kernels"]:
-        print(f"{r['kernel']:<70} {r['us']:>8.1f} {r['launches']:>9} {r['us_each']:>8.2f}")
+    for key, batch in (("kernels", 1), ("kernels_big", max(batches))):
+        print(f"\n{f'kernel (costliest per step, batch {batch})':<70} {'us':>8} {'launches':>9} {'us each':>8}")
+        for r in results[key][: 25 if batch == 1 else 12]:
+            print(f"{r['kernel']:<70} {r['us']:>8.1f} {r['launches']:>9} {r['us_each']:>8.2f}")
+    print(f"\nstep profile at batch {max(batches)}: " + ", ".join(f"{r['part']} {r['ms']:.2f} ms"
+                                                         for r in results["profile_big"]))  # fmt: skip
     print(f"\n{results['device']}, {args.model}, context {ctx}, {results['seconds']} s")
     for k, v in results["launches"].items():
         print(f"launches per decode step, {k}: {v['total']} ({v['torch_ops']} torch ops, {v['triton']} Triton)")

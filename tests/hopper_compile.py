@@ -192,9 +192,9 @@ def other_variants():
                     WRITE_CACHE=True, INTERPRETED=False), 4, 1)  # fmt: skip
     split = linear_fp8.W8A16Config(BLOCK_M=16, BLOCK_N=64, BLOCK_K=256, num_warps=4, num_stages=4, SPLIT_K=4)
     default = linear_fp8.default_w8a16_config
-    small = default(1, 4096)  # the decode row: each program's K-slice prefetched into L2 before the wait
-    for name, cfg in (("small-M", small), ("small-M/plain", dataclasses.replace(small, PREFETCH=0)),
-                      ("small-M/preload", dataclasses.replace(small, PRELOAD=1, PREFETCH=0)),
+    small = default(1, 4096)  # the decode row; the two ways to fetch weights before the wait, both off by default
+    for name, cfg in (("small-M", small), ("small-M/prefetch", dataclasses.replace(small, PREFETCH=4)),
+                      ("small-M/preload", dataclasses.replace(small, PRELOAD=1)),
                       ("router", default(1, 8)), ("mid-M", default(64, 4096)), ("large-M", default(512, 4096)),
                       ("split-K", split)):  # fmt: skip
         yield (f"linear_w8a16/{name}", linear_fp8._w8a16_kernel,

@@ -163,16 +163,16 @@ class W8A16Config:
 # flight (qkv 15.6 -> 13.3 µs, o_proj 12.2 -> 10.4, lm_head 59 -> 51), and the router (N=8, one program
 # before) wants SPLIT_K=8 (11.5 -> 4.2 µs). A decode step's dense linears: 1,320 -> 940 µs. Rows with a
 # small largest N go before the row they refine.
-# PREFETCH=4 at M <= 16 (not measured on a GPU yet): 4 K steps are each program's whole K-slice at K=4096, so
-# the whole weight (qkv 25 MB, within the 50 MB L2) starts streaming while the norm or attention merge before
-# still runs, at no register cost (sm_90: 64 registers, 8 programs an SM, as without). PRELOAD=1 holds the
-# first tile in registers instead: 89 registers under PDL, 5 programs an SM, so qkv's 768 programs no longer
-# fit in one wave of 132 SMs (tests/hopper_compile.py); off until a GPU sweep says otherwise.
+# PREFETCH and PRELOAD stay 0. PREFETCH=4 at M <= 16 (each program's whole K-slice at K=4096 into L2 before
+# the PDL wait, while the kernel before still runs; no register cost) was predicted to save ~1-1.5 µs a call
+# and measured the other way in the decode step: w8a16 12.8 -> 15.8 µs a call, batch-1 decode 175.2 -> 170.4
+# tok/s (H100, 2026-11-26, benchmarks/NOTES.md). PRELOAD=1 holds the first tile in registers instead: 89
+# registers under PDL, 5 programs an SM, so qkv's 768 programs no longer fit in one wave of 132 SMs
+# (tests/hopper_compile.py); not measured.
 ANY = sys.maxsize
 DEFAULT_CONFIGS: tuple[tuple[int, int, W8A16Config], ...] = (
-    (16, 64, W8A16Config(BLOCK_M=16, BLOCK_N=16, BLOCK_K=128, num_warps=4, num_stages=4, SPLIT_K=8,  # router
-                         PREFETCH=4)),  # fmt: skip
-    (16, ANY, W8A16Config(BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, num_warps=4, num_stages=3, SPLIT_K=4, PREFETCH=4)),
+    (16, 64, W8A16Config(BLOCK_M=16, BLOCK_N=16, BLOCK_K=128, num_warps=4, num_stages=4, SPLIT_K=8)),  # router
+    (16, ANY, W8A16Config(BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, num_warps=4, num_stages=3, SPLIT_K=4)),
     (64, ANY, W8A16Config(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3)),
     (ANY, ANY, W8A16Config(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)),
 )
