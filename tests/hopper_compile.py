@@ -173,13 +173,14 @@ def other_variants():
                {"act_ptr": "*fp32", "w_ptr": f"*{w}", "w_scale_ptr": "*fp32", "ids_ptr": "*i32",
                 "topk_weights_ptr": "*fp32", "out_ptr": "*bf16"},
                dict(TOP_K=2, BLOCK_N=16, BLOCK_K=256, USE_FP8=fp8, INTERPRETED=False), 4, 2)  # fmt: skip
-    for part, tile in ((32, 32), (256, 64)):  # batch 1 (auto_partition_tokens), big batches
+    for part in (32, 256):  # batch 1 (auto_partition_tokens), big batches
+        tile = min(part, attention.MAX_TILE)
         yield (f"decode_attention/partition={part}", attention._decode_partition_kernel,
                {"q_ptr": "*bf16", "k_cache_ptr": "*bf16", "v_cache_ptr": "*bf16", "block_tables_ptr": "*i32",
                 "context_lens_ptr": "*i32", "out_ptr": "*bf16", "m_ptr": "*fp32", "l_ptr": "*fp32", "acc_ptr": "*fp32",
                 "count_ptr": "*i32", "scale": "fp32"},
                dict(GROUP=4, GROUP_PAD=4, HEAD_DIM=128, BLOCK_D=128, BLOCK_SIZE=16, PARTITION=part, TILE=tile,
-                    MERGE_CHUNK=16), 4, 2)  # fmt: skip
+                    MERGE_CHUNK=16), 4 if part <= attention.MAX_TILE else attention.LOOP_WARPS, 3)  # fmt: skip
     for dtype in ("bf16", "fp16"):
         yield (f"add_rms_norm/{dtype}", norm._add_rms_norm_kernel,
                {"x_ptr": f"*{dtype}", "res_ptr": f"*{dtype}", "w_ptr": f"*{dtype}", "out_ptr": f"*{dtype}",

@@ -66,10 +66,12 @@ def test_arrival_counters_release_and_acquire_and_the_last_program_reads_l2(comp
             assert r["acq_rel"] and r["cg_loads"] > 0, r
 
 
-def test_decode_attention_at_batch_1_does_not_spill(compiled):
+def test_decode_attention_does_not_spill_at_any_batch(compiled):
     """Its K/V loop already holds ~255 registers a thread; the merge after it must not push any to the stack.
-    (Big batches' 64-token tiles do spill: a known cost, not this test's.)"""
-    for name in ("decode_attention/partition=32", "decode_attention/partition=32/pdl"):
+    64-token tiles did: 2 KB of stack a thread at big batches, where the step then spent 55 ms of 80 in
+    attention at batch 256 (H100, 2026-11-26); tiles are 32 tokens since."""
+    for name in ("decode_attention/partition=32", "decode_attention/partition=32/pdl",
+                 "decode_attention/partition=256", "decode_attention/partition=256/pdl"):  # fmt: skip
         if "stack" in compiled[name]:  # cuobjdump came with Triton
             assert compiled[name]["stack"] == 0, compiled[name]
 

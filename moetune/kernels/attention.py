@@ -9,8 +9,8 @@ sequence's used blocks once, at full bandwidth:
   busy at batch 1, where sequences x KV heads alone is only 8 programs for Mixtral. The partition size
   follows the batch (partition_tokens): 32 tokens at batch 1 gives 128 programs at a 512-token context;
   big batches have programs enough and take long partitions (fewer partials to merge);
-* a program reads its partition in tiles of up to 64 tokens that may span several KV blocks (each row
-  looks up its own block), so one iteration has 16-32 KB in flight instead of one 16-token block;
+* a program reads its partition in tiles of up to MAX_TILE (32) tokens that may span several KV blocks (each row
+  looks up its own block), so one iteration has 16 KB in flight instead of one 16-token block;
 * scores are `sum(q * k)` over the head dimension in float32 rather than `tl.dot`: a decode tile has only
   GROUP (4) rows, below tl.dot's minimum of 16, and the elementwise form also runs correctly under
   Triton's CPU interpreter;
@@ -36,7 +36,13 @@ from moetune.kernels.interp import interpreting
 from moetune.kernels.pdl import launch_kwargs, wait_previous
 from moetune.kernels.splitk import count_arrival, tile_counters
 
-MAX_TILE = 64  # context tokens one loop iteration reads
+# Context tokens one loop iteration reads, and the warps: [GROUP, TILE, D] float32 products sit in registers.
+# 64-token tiles with 4 warps spilled 2 KB of stack a thread (sm_90), and at batch 256, context 512, attention
+# took 55 ms of an 80 ms step on an H100 (2026-11-26). 32-token tiles fit 4 warps when the loop runs once (a
+# 32-token partition: batch 1), but a loop over several tiles still spilled 112 B; 8 warps hold it (254
+# registers, no stack; tests/test_hopper_compile.py).
+MAX_TILE = 32
+LOOP_WARPS = 8  # warps of a program whose partition spans several tiles
 MAX_MERGE_TILE = 8192  # float32 partials one merge iteration loads ([GROUP, chunk, D]): a 64 x 128 K tile's worth
 # triton.jit decides at definition time whether kernels run on the GPU or in the CPU interpreter
 INTERPRETED = interpreting()
@@ -241,6 +247,7 @@ def paged_decode_attention(
         PARTITION=part,
         TILE=min(part, MAX_TILE),
         MERGE_CHUNK=max(1, min(triton.next_power_of_2(P), MAX_MERGE_TILE // (group_pad * block_d))),
+        num_warps=4 if part <= MAX_TILE else LOOP_WARPS,
         **launch_kwargs(q.device),
     )
     return out
