@@ -46,36 +46,26 @@ def test_fused_norm_and_rope_cut_launches_per_decode_step():
     assert new["triton"] == old["triton"] + 3 * layers + 1  # 2 norms + rope per layer, final norm
 
 
-def test_one_launch_router_cuts_two_launches_per_layer_with_fp8_experts():
+def test_one_launch_router_then_the_decode_folds_cut_launches_with_fp8_experts():
+    """The router: -2 launches a layer (the router linear and quantize_rows; route_and_align + quantize_rows
+    -> route_decode). Then the folds: top-k sum into GEMM2 (-1), one-pass SiLU + quantise instead of zeroing,
+    SiLU and quantise (-2), the post-attention add + RMSNorm inside the router (-1). One engine: each eager
+    step takes seconds under the interpreter."""
     bench = load_bench()
     eng = LLMEngine(EngineConfig(model="tiny", device=DEVICE, dtype="fp8", max_model_len=64, enforce_eager=True))
+    folds_off = {k: False for k in bench.KERNEL_SWITCHES}
     try:
         bench.count_launches(eng, 16)  # the first step also allocates the split-K counters, once
-        folds_off = {k: False for k in bench.KERNEL_SWITCHES}
         bench.set_options(eng, fused=True, partition=0, router=False, **folds_off)
-        old = bench.count_launches(eng, 16)
+        apart = bench.count_launches(eng, 16)
         bench.set_options(eng, fused=True, partition=0, router=True, **folds_off)
-        new = bench.count_launches(eng, 16)
+        router = bench.count_launches(eng, 16)
+        bench.set_options(eng, fused=True, partition=0)  # the defaults: every fold on
+        folded = bench.count_launches(eng, 16)
     finally:
         eng.close()
     layers = eng.spec.num_layers
-    assert old["total"] - new["total"] == 2 * layers, (old, new)  # the router linear and quantize_rows
-    assert old["triton"] - new["triton"] == layers  # route_and_align + quantize_rows -> route_decode
-
-
-def test_decode_folds_cut_four_launches_per_layer_with_fp8_experts():
-    """Top-k sum into GEMM2 (-1), one-pass SiLU + quantise instead of zeroing, SiLU and quantise (-2), the
-    post-attention add + RMSNorm inside the router (-1)."""
-    bench = load_bench()
-    eng = LLMEngine(EngineConfig(model="tiny", device=DEVICE, dtype="fp8", max_model_len=64, enforce_eager=True))
-    try:
-        bench.count_launches(eng, 16)  # the first step also allocates the split-K counters, once
-        bench.set_options(eng, fused=True, partition=0, **{k: False for k in bench.KERNEL_SWITCHES})
-        old = bench.count_launches(eng, 16)
-        bench.set_options(eng, fused=True, partition=0)
-        new = bench.count_launches(eng, 16)
-    finally:
-        eng.close()
-    layers = eng.spec.num_layers
-    assert old["total"] - new["total"] == 4 * layers, (old, new)
-    assert old["torch_ops"] - new["torch_ops"] == layers  # the amax buffer's zeroing
+    assert apart["total"] - router["total"] == 2 * layers, (apart, router)
+    assert apart["triton"] - router["triton"] == layers
+    assert router["total"] - folded["total"] == 4 * layers, (router, folded)
+    assert router["torch_ops"] - folded["torch_ops"] == layers  # the amax buffer's zeroing
