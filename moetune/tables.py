@@ -22,7 +22,7 @@ from typing import IO, Any
 import jsonschema
 
 from moetune.errors import MoetuneError, TableError
-from moetune.kernels.knobs import VLLM_KNOBS, check_config
+from moetune.kernels.knobs import FUSE_SILU_MIN_BLOCK_N, VLLM_KNOBS, check_config
 from moetune.models import DTYPES, MoeShape
 
 log = logging.getLogger("moetune")
@@ -112,7 +112,7 @@ def perturb_rounding(config: Config) -> Config:
     logits (2x H200, TP2, 2026-11-26), which made the check cry wolf."""
     k, m = config["BLOCK_SIZE_K"], config["BLOCK_SIZE_M"]
     out = {**config, "BLOCK_SIZE_K": k * 2 if k <= 32 else k // 2, "BLOCK_SIZE_M": 64 if m < 64 else 16}
-    if config.get("kernel") != "gemv" and config["BLOCK_SIZE_N"] >= 32:  # fuse_silu's own limit
+    if config.get("kernel") != "gemv" and config["BLOCK_SIZE_N"] >= FUSE_SILU_MIN_BLOCK_N:
         out["fuse_silu"] = 0 if config.get("fuse_silu") else 1
     return out
 

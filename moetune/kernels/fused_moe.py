@@ -37,7 +37,7 @@ from torch import Tensor
 from moetune.errors import MoetuneError
 from moetune.kernels.activation import FP8_MAX, quantize_rows, quantize_with_amax, silu_mul, silu_mul_fp8, topk_sum
 from moetune.kernels.interp import interpreting
-from moetune.kernels.knobs import check_config
+from moetune.kernels.knobs import FUSE_SILU_MIN_BLOCK_N, check_config
 from moetune.kernels.moe_gemm import FP8, moe_gemm
 from moetune.kernels.moe_gemm_silu import moe_gemm_silu
 from moetune.kernels.moe_gemv import fused_moe_gemv
@@ -107,8 +107,8 @@ def _checked(config: Mapping[str, Any]) -> dict[str, Any]:
 
 def _check(config: Mapping[str, Any]) -> dict[str, Any]:
     config = check_config(config, "config passed to fused_moe")
-    if config.get("fuse_silu") and config["BLOCK_SIZE_N"] < 32:
-        raise MoetuneError(f"fuse_silu=1 needs BLOCK_SIZE_N >= 32 (half gate, half up columns); "
+    if config.get("fuse_silu") and config["BLOCK_SIZE_N"] < FUSE_SILU_MIN_BLOCK_N:
+        raise MoetuneError(f"fuse_silu=1 needs BLOCK_SIZE_N >= {FUSE_SILU_MIN_BLOCK_N} (half gate, half up columns); "
                            f"got BLOCK_SIZE_N={config['BLOCK_SIZE_N']}")  # fmt: skip
     return config
 
@@ -168,7 +168,6 @@ def fused_moe_normed(
     if not FOLD_NORM or not one_launch(T, gate.shape[0], K):
         xn, residual = add_rms_norm(x.contiguous(), norm_weight, eps, residual.contiguous())
         return _moe_layer(xn, w13, w2, top_k, config, w13_scale, w2_scale, gate=gate), residual
-    x = x.contiguous()
     norm = RouterNorm(residual.contiguous(), norm_weight, eps, alloc((T, K), dtype=x.dtype, device=x.device),
                       alloc((T, K), dtype=x.dtype, device=x.device))  # fmt: skip
     return _moe_layer(x, w13, w2, top_k, config, w13_scale, w2_scale, gate=gate, norm=norm), norm.residual_out

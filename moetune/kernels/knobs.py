@@ -31,6 +31,7 @@ EXTRA_KNOBS: dict[str, tuple[tuple[Any, ...], Any]] = {
     "kernel": (("tiled", "gemv"), "tiled"),
     "fuse_silu": ((0, 1), 0),
 }
+FUSE_SILU_MIN_BLOCK_N = 32  # fuse_silu splits a BLOCK_SIZE_N tile into gate and up halves, each a tl.dot of >= 16
 
 
 def is_vllm_structure(config: Mapping[str, Any]) -> bool:

@@ -218,9 +218,9 @@ def report(r: dict) -> str:
         rule = r.get("parity_rule", {})
         lines.append(f"parity: teacher-forced logits, tuned vs default; noise floor = default vs default with "
                      f"BLOCK_SIZE_M/K and fuse_silu changed (two correct configs); each prompt decoded alone "
-                     f"(steps 0..n/2-1) and "
-                     f"with the others in one batch (the rest); tol = max({rule.get('rtol', 2e-2):g} x "
-                     f"max(1, max|logit|), {rule.get('noise_factor', NOISE_FACTOR):g} x noise floor)")  # fmt: skip
+                     f"(steps 0..n/2-1) and with the others in one batch (the rest); "
+                     f"tol = max({rule.get('rtol', 2e-2):g} x max(1, max|logit|), "
+                     f"{rule.get('noise_factor', NOISE_FACTOR):g} x noise floor)")  # fmt: skip
     for p in r["parity"]:
         greedy = ("greedy tokens identical" if p["greedy_identical"] else
                   f"greedy tokens first differ at {p['first_divergence']} ({p['default_token']} vs {p['tuned_token']})")
